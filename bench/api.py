@@ -1,0 +1,274 @@
+"""The plugin contract: Defense, Attack, Defended, Context, and the Param declarations they share.
+
+Third-party packages subclass `Defense` / `Attack`, declare their keyword parameters in `PARAMS`, and
+register the class under the entry-point groups `bench.defenses` / `bench.attacks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+import torch
+
+from bench.errors import BenchError, did_you_mean
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword parameter of a plugin.
+
+    `default` is the paper-scale value. `preset` names a preset field whose value replaces the default at
+    the run's scale (e.g. fine-tuning epochs), so presets scale budgets without touching the algorithm.
+    `kind` is inferred from the default when omitted: int, float, bool, str, or tuple (comma-separated).
+    """
+
+    default: Any
+    help: str
+    kind: type | None = None
+    choices: tuple = ()
+    low: float | None = None  # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    above: float | None = None  # exclusive lower bound (e.g. eps > 0)
+    preset: str | None = None
+    item: type = float  # element type of tuple parameters
+
+    @property
+    def type(self) -> type:
+        if self.kind is not None:
+            return self.kind
+        if self.default is None:
+            return str
+        return type(self.default)
+
+    def describe(self) -> str:
+        default = f"{self.default:.4g}" if isinstance(self.default, float) else repr(self.default)
+        bits = [f"default {default}"]
+        if self.preset:
+            bits.append(f"scaled by preset field '{self.preset}'")
+        if self.choices:
+            bits.append("one of " + "|".join(map(str, self.choices)))
+        return f"{self.help} ({'; '.join(bits)})"
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    text = text.strip()
+    if kind is float and "/" in text:  # budgets are written as 8/255 in every paper
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return kind(text)
+
+
+def convert(name: str, spec: Param, value: Any) -> Any:
+    """Turn a CLI string (or a TOML/Python value) into the parameter's type and check its range."""
+    if value is None and spec.default is None:  # "not set": the plugin derives it (e.g. alpha = eps/4)
+        return None
+    kind = spec.type
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = low in ("1", "true", "yes", "on")
+            else:
+                value = bool(value)
+        elif kind is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if spec.item is str:
+                value = tuple(str(v).strip() for v in items if str(v).strip())
+            else:
+                value = tuple(_parse_number(v, spec.item) if isinstance(v, str) else spec.item(v)
+                              for v in items if not (isinstance(v, str) and not v.strip()))
+        elif kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, str):
+                value = _parse_number(value, kind)
+            elif kind is int:
+                if float(value) != int(value):
+                    raise ValueError(value)
+                value = int(value)
+            else:
+                value = float(value)
+        elif value is not None:
+            value = kind(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise BenchError(f"parameter '{name}' expects {kind.__name__}, got {value!r}") from None
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if spec.choices and v not in spec.choices:
+            raise BenchError(f"parameter '{name}' must be one of {', '.join(map(str, spec.choices))}, "
+                             f"got {v!r}{did_you_mean(str(v), map(str, spec.choices))}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BenchError(f"parameter '{name}' must be finite, got {v}")
+            if spec.above is not None and not v > spec.above:
+                raise BenchError(f"parameter '{name}' must be > {spec.above}, got {v}")
+            if spec.low is not None and v < spec.low:
+                raise BenchError(f"parameter '{name}' must be >= {spec.low}, got {v}")
+            if spec.high is not None and v > spec.high:
+                raise BenchError(f"parameter '{name}' must be <= {spec.high}, got {v}")
+    return value
+
+
+def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
+                   preset: Any = None) -> dict[str, Any]:
+    """Complete `given` with defaults (preset-scaled where declared), converted and range-checked."""
+    for name in given:
+        if name not in specs:
+            known = ", ".join(sorted(specs)) or "none"
+            raise BenchError(f"{owner} has no parameter '{name}'{did_you_mean(name, specs)}; "
+                             f"its parameters: {known}")
+    out = {}
+    for name, spec in specs.items():
+        if name in given:
+            out[name] = convert(name, spec, given[name])
+        elif spec.preset and preset is not None and getattr(preset, spec.preset, None) is not None:
+            out[name] = convert(name, spec, getattr(preset, spec.preset))
+        else:
+            out[name] = spec.default if spec.default is None else convert(name, spec, spec.default)
+    return out
+
+
+class ParamValues(dict):
+    """Resolved parameter values; `p.epochs` reads like `p["epochs"]`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _Plugin:
+    """Shared by Defense and Attack: declared parameters, resolved at construction."""
+
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    name: ClassVar[str] = ""  # set by the registry to the entry-point name
+
+    def __init__(self, **params: Any) -> None:
+        owner = f"{type(self).__name__}" if not self.name else f"'{self.name}'"
+        self.params = ParamValues(resolve_params(owner, self.PARAMS, params))
+
+    @classmethod
+    def describe(cls) -> str:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return doc[0].strip() if doc else ""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defenses
+
+
+@dataclass
+class Defended:
+    """What a defense hands to the evaluator."""
+
+    model: torch.nn.Module  # images in [0,1] -> logits: the defense's whole inference procedure
+    surrogate: torch.nn.Module | None = None  # what a non-adaptive attacker differentiates (paper protocol)
+    batch_dependent: bool = False  # True: predictions depend on the batch (e.g. norm shaping)
+    randomized: bool = False  # True: forward passes are stochastic (use EOT attacks)
+    info: dict = field(default_factory=dict)  # selected layers, MRC table, alpha, curves: stored, reported
+
+
+class Defense(_Plugin):
+    """Base class of defense plugins. Keyword parameters come from `--param key=value` or a TOML file."""
+
+    def build(self, ctx: "Context") -> Defended:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attacks
+
+
+class Attack(_Plugin):
+    """Base class of attack plugins.
+
+    `perturb` must return x_adv in [0,1] within (norm, eps) -- the best iterate found, not the last -- and
+    leave the model's parameters, buffers and per-module train/eval flags exactly as it found them.
+    """
+
+    norm: str = "Linf"  # "Linf" or "L2"
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if "norm" in self.params:
+            self.norm = self.params["norm"]
+        if self.norm not in ("Linf", "L2"):
+            raise BenchError(f"attack norm must be Linf or L2, got {self.norm!r}")
+        self.check()
+
+    @property
+    def eps(self) -> float:
+        return self.params["eps"]
+
+    @property
+    def threat(self) -> str:
+        """The threat model this attack reports under; worst cases are taken per threat model."""
+        return f"{self.norm} eps={self.eps:.4g}"
+
+    def check(self) -> None:
+        """Raise BenchError for parameter combinations the declarations cannot express."""
+
+    def setup(self, ctx: "Context", defended: Defended) -> None:
+        """Called once before the first batch: the run's context (seed, device, data) and the defense."""
+
+    def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra(self) -> dict:
+        """Attack-specific figures for the stored result (e.g. DeepFool's median perturbation norm)."""
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Context
+
+
+class Context:
+    """What a defense sees of the run: data, device, seed, preset budgets, base models, progress, log."""
+
+    def __init__(self, *, data, arch: str, device: torch.device, seed: int, preset, cache_dir: Path,
+                 precision: str = "fp32", quiet: bool = False, base_checkpoints: dict | None = None,
+                 log: logging.Logger | None = None) -> None:
+        self.data = data
+        self.arch = arch
+        self.device = torch.device(device)
+        self.seed = seed
+        self.preset = preset
+        self.cache_dir = Path(cache_dir)
+        self.precision = precision
+        self.quiet = quiet
+        self.base_checkpoints = dict(base_checkpoints or {})
+        self.log = log or logging.getLogger("bench")
+
+    def base(self, recipe: str = "pgd_at") -> torch.nn.Module:
+        """The cached base model trained with `recipe` (trained on first use), in eval mode."""
+        from bench.checkpoints import base_model
+
+        return base_model(self, recipe)
+
+    def progress(self, iterable: Iterable, desc: str, total: int | None = None, leave: bool = False):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=leave,
+                    dynamic_ncols=True, mininterval=0.5)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator seeded from the run seed and a purpose, so each random stream is reproducible
+        on its own (adding an attack never shifts another one's random start)."""
+        digest = hashlib.sha256(f"{self.seed}:{purpose}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
