@@ -1,0 +1,193 @@
+"""Checkpoint files and the cached base models behind `ctx.base(recipe)`.
+
+Files are written to a temporary name and renamed; a `<file>.sha256` beside each one is written first,
+so a checkpoint that exists always has a digest to be checked against. Loading uses
+`torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from bench import models
+from bench.config import stable_hash
+from bench.errors import BenchError
+from bench.train import (Clean, FGSMRandomStart, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy,
+                         autocast_factory, robust_accuracy, train)
+
+RECIPES = ("standard", "pgd_at", "trades", "fgsm_rs")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save(path: Path, state_dict: dict, meta: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}, tmp)
+        digest = file_sha256(Path(tmp))
+        _write_atomic(Path(str(path) + ".sha256"), lambda t: Path(t).write_text(digest + "\n"))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load(path: Path, *, require_digest: bool) -> dict:
+    """{'state_dict': ..., 'meta': ...} from one of our files, or a bare/foreign state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} does not exist")
+    sidecar = Path(str(path) + ".sha256")
+    if sidecar.is_file():
+        expected = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
+        if file_sha256(path) != expected:
+            raise BenchError(f"checkpoint {path} is corrupt: its sha256 differs from {sidecar.name}")
+    elif require_digest:
+        raise BenchError(f"checkpoint {path} has no {sidecar.name}; delete it to retrain")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BenchError(f"checkpoint {path} is corrupt or not a PyTorch state dict "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return {"state_dict": obj["state_dict"], "meta": obj.get("meta") or {}}
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return {"state_dict": obj["model"], "meta": {}}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"state_dict": obj, "meta": {}}
+    raise BenchError(f"checkpoint {path} holds no state dict")
+
+
+def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: str) -> None:
+    meta = ckpt["meta"]
+    for key, want in (("arch", arch), ("dataset", dataset)):
+        if meta.get(key) not in (None, want):
+            raise BenchError(f"checkpoint {source} is for {key} '{meta[key]}', this run uses '{want}'")
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                         f"{tuple(own[k].shape)})")
+        raise BenchError(f"checkpoint {source} does not fit {arch}: " + ", ".join(parts))
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# base models
+
+
+def recipe_plan(recipe: str, ctx) -> tuple[Any, TrainSpec, str]:
+    """Objective, budget and selection metric of a base recipe (METHODS.md, base training recipes)."""
+    p = ctx.preset
+    eps, alpha = p.eps, p.alpha
+    gen = ctx.generator(f"base:{recipe}:attack")
+    aug = dict(crop_pad=p.crop_pad, flip=p.flip, batch_size=p.batch_size, momentum=p.momentum,
+               weight_decay=p.weight_decay)
+    schedule = Schedule(p.schedule)
+    if recipe == "standard":
+        return Clean(), TrainSpec(p.epochs_standard, p.lr, schedule=schedule, select="val_clean", **aug), "val_clean"
+    if recipe == "pgd_at":
+        obj = PGDAdversarial(eps, alpha, p.pgd_steps, gen)
+        return obj, TrainSpec(p.epochs_pgd_at, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
+    if recipe == "trades":
+        # TRADES's step 0.007 at eps 8/255, scaled with eps for other budgets.
+        obj = TRADES(eps, 0.007 * eps / (8 / 255), p.pgd_steps, 6.0, gen)
+        return obj, TrainSpec(p.epochs_trades, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
+    if recipe == "fgsm_rs":
+        obj = FGSMRandomStart(eps, 1.25 * eps, gen)  # alpha = 10/255 at eps 8/255
+        return obj, TrainSpec(p.epochs_fgsm_rs, p.lr_fgsm_rs, schedule=Schedule("cyclic"),
+                              select="val_robust", **aug), "val_robust"
+    raise BenchError(f"unknown base recipe '{recipe}'; choose from: {', '.join(RECIPES)}")
+
+
+def base_identity(ctx, recipe: str) -> dict:
+    obj, spec, select = recipe_plan(recipe, ctx)
+    budget = {k: v for k, v in vars(spec).items() if k != "schedule"}
+    budget["schedule"] = vars(spec.schedule)
+    budget["objective"] = {k: v for k, v in vars(obj).items() if k != "generator"}
+    return {"dataset": ctx.data.name, "data": ctx.data.fingerprint, "arch": ctx.arch, "recipe": recipe,
+            "budget": budget, "eps": ctx.preset.eps, "alpha": ctx.preset.alpha, "seed": ctx.seed,
+            "precision": ctx.precision, "n_val_robust": ctx.preset.n_val_robust}
+
+
+def base_path(ctx, recipe: str) -> Path:
+    key = stable_hash(base_identity(ctx, recipe))[:16]
+    return ctx.cache_dir / "base" / f"{ctx.data.name}-{ctx.arch}-{recipe}-s{ctx.seed}-{key}.pt"
+
+
+def base_model(ctx, recipe: str) -> nn.Module:
+    """The base model of `recipe`: a user checkpoint, the cache, or trained now and cached."""
+    model = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
+    if recipe in ctx.base_checkpoints:
+        path = ctx.base_checkpoints[recipe]
+        load_into(model, load(path, require_digest=False), str(path), arch=ctx.arch, dataset=ctx.data.name)
+        return model.eval()
+    if recipe not in RECIPES:
+        raise BenchError(f"unknown base recipe '{recipe}'; choose from: {', '.join(RECIPES)}")
+    path = base_path(ctx, recipe)
+    if path.exists():
+        ctx.log.info("base %s: cache hit %s", recipe, path.name)
+        load_into(model, load(path, require_digest=True), str(path), arch=ctx.arch, dataset=ctx.data.name)
+        return model.eval()
+    ctx.log.info("base %s: training (%s)", recipe, path.name)
+    torch.manual_seed(int(stable_hash([ctx.seed, recipe, "init"])[:8], 16))
+    model = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
+    obj, spec, _ = recipe_plan(recipe, ctx)
+    autocast = autocast_factory(ctx.precision, ctx.device)
+    val_robust = ctx.data.val.subset(slice(0, ctx.preset.n_val_robust))
+
+    def evaluate(m: nn.Module) -> dict:
+        out = {"val_clean": accuracy(m, ctx.data.val, ctx.device, autocast=autocast)}
+        if spec.select == "val_robust":
+            out["val_robust"] = robust_accuracy(m, val_robust, ctx.device, eps=ctx.preset.eps, alpha=ctx.preset.alpha,
+                                                steps=ctx.preset.pgd_steps, autocast=autocast,
+                                                generator=ctx.generator("base:val-pgd"))
+        return out
+
+    result = train(model, ctx.data.train, obj, spec, device=ctx.device, precision=ctx.precision,
+                   generator=ctx.generator(f"base:{recipe}:data"), evaluate=evaluate,
+                   progress=ctx.progress, desc=f"base {recipe}")
+    meta = {"arch": ctx.arch, "dataset": ctx.data.name, "recipe": recipe, "best_epoch": result.best_epoch,
+            "seconds": result.seconds, "history": result.history, "created": time.time(),
+            "identity": stable_hash(base_identity(ctx, recipe))}
+    save(path, model.state_dict(), meta)
+    best = result.history[result.best_epoch - 1]
+    ctx.log.info("base %s: epoch %d kept (%s), %.0fs", recipe, result.best_epoch,
+                 ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k.startswith("val")), result.seconds)
+    return model.eval()

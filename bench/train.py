@@ -1,0 +1,304 @@
+"""One training loop for every recipe: base models and every fine-tuning defense.
+
+What varies is data in, not code: an `Objective` turns a batch into a loss (clean, PGD-AT, TRADES,
+FGSM-RS, or a plugin's own), `trainable` picks the parameter subset, `frozen_stats` picks the BN layers
+whose running statistics must not move, and `select` picks the checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench import data as data_mod
+from bench.errors import BenchError
+from bench.pgd import ce_loss, kl_loss, pgd
+from bench.state import eval_mode
+
+# ----------------------------------------------------------------------------------------------------
+# precision
+
+
+@lru_cache(maxsize=None)
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where the hardware runs it natively (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise BenchError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and _cpu_has_bf16() else "fp32"
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ----------------------------------------------------------------------------------------------------
+# objectives
+
+
+class Objective:
+    """Turns a training batch into a scalar loss. Returns (loss, logits used for the running accuracy)."""
+
+    name = "objective"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Clean(Objective):
+    name = "clean"
+
+    def loss(self, model, x, y, autocast):
+        with autocast():
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+
+@dataclass
+class PGDAdversarial(Objective):
+    """Madry PGD-AT: train only on PGD examples crafted with BN in eval mode (random start, last iterate)."""
+
+    eps: float
+    alpha: float
+    steps: int = 10
+    generator: torch.Generator | None = None
+    name = "pgd_at"
+
+    def loss(self, model, x, y, autocast):
+        with eval_mode(model):
+            x_adv = pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                        generator=self.generator, track_best=False, autocast=autocast)
+        with autocast():
+            logits = model(x_adv)
+        return F.cross_entropy(logits.float(), y), logits
+
+
+@dataclass
+class FGSMRandomStart(Objective):
+    """Wong et al. 2020: delta ~ U(-eps, eps), one signed step of alpha, projected (PGD with one step)."""
+
+    eps: float
+    alpha: float
+    generator: torch.Generator | None = None
+    name = "fgsm_rs"
+
+    def loss(self, model, x, y, autocast):
+        # The single step is taken in the model's training mode, as in the authors' code.
+        x_adv = pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=1, generator=self.generator,
+                    track_best=False, autocast=autocast)
+        with autocast():
+            logits = model(x_adv)
+        return F.cross_entropy(logits.float(), y), logits
+
+
+@dataclass
+class TRADES(Objective):
+    """CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL from x + 0.001 N(0,1), BN eval."""
+
+    eps: float
+    step: float
+    steps: int = 10
+    beta: float = 6.0
+    generator: torch.Generator | None = None
+    name = "trades"
+
+    def loss(self, model, x, y, autocast):
+        with eval_mode(model):
+            with torch.no_grad(), autocast():
+                clean_eval = model(x)
+            noise = torch.randn(x.shape, generator=self.generator).to(x.device)
+            start = (x + 0.001 * noise).clamp(0, 1)
+            x_adv = _trades_attack(model, x, start, y, clean_eval, self.eps, self.step, self.steps, autocast)
+        # Two forwards, as in the authors' code: one concatenated batch would mix the BN statistics.
+        with autocast():
+            clean, adv = model(x).float(), model(x_adv).float()
+        kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
+        return F.cross_entropy(clean, y) + self.beta * kl, clean
+
+
+def _trades_attack(model, x, start, y, clean_logits, eps, step, steps, autocast):
+    # TRADES starts from x + small noise (not a uniform start), so it runs PGD from `start` directly.
+    loss = kl_loss(clean_logits)
+    x_adv = start.detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with autocast():
+            values = loss(model(x_adv), y)
+        grad, = torch.autograd.grad(values.sum(), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedules
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str = "cosine"  # cosine | step | cyclic | constant
+    milestones: tuple = (100 / 110, 105 / 110)  # fractions of training, for `step`
+    gamma: float = 0.1
+
+    def factor(self, progress: float) -> float:
+        """LR multiplier at `progress` in [0, 1) of the whole run."""
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind == "step":
+            return self.gamma ** sum(progress >= m for m in self.milestones)
+        if self.kind == "cyclic":  # 0 -> max -> 0, triangular (FGSM-RS)
+            return 1 - abs(2 * progress - 1)
+        return 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainSpec:
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    schedule: Schedule = field(default_factory=Schedule)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_pad: int = 0
+    flip: bool = False
+    select: str = "last"  # last | max of a metric returned by `evaluate` (e.g. "val_robust")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one dict per epoch: loss, train_acc, and whatever `evaluate` returned
+    best_epoch: int
+    seconds: float
+
+
+def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, spec: TrainSpec, *,
+          device: torch.device, precision: str = "fp32", generator: torch.Generator | None = None,
+          trainable: Iterable[nn.Parameter] | None = None, frozen_stats: Iterable[nn.Module] = (),
+          evaluate: Callable[[nn.Module], dict] | None = None, progress=None,
+          desc: str = "train") -> TrainResult:
+    """Train `trainable` (default: every parameter) of `model` in place; leave it in eval mode with the
+    selected epoch's weights loaded.
+
+    `frozen_stats`: BN modules kept in eval mode during training so their running statistics never move.
+    `evaluate(model)` runs after each epoch (model in eval mode) and returns metrics for the history;
+    `spec.select` names the metric whose maximum picks the kept epoch (ties: the earlier epoch).
+    """
+    params = list(model.parameters()) if trainable is None else list(trainable)
+    if not params:
+        raise BenchError(f"{desc}: no parameters selected for training")
+    trainable_ids = {id(p) for p in params}
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    frozen_stats = list(frozen_stats)
+    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    autocast = autocast_factory(precision, device)
+    steps_per_epoch = max(1, math.ceil(len(train_split) / spec.batch_size))
+    total = spec.epochs * steps_per_epoch
+    history: list[dict] = []
+    best_state, best_epoch, best_value = None, 0, -math.inf
+    start = time.perf_counter()
+    bar = progress(range(total), desc=desc, total=total) if progress else None
+    step = 0
+    try:
+        for epoch in range(1, spec.epochs + 1):
+            model.train()
+            for m in frozen_stats:
+                m.eval()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for x, y in train_split.batches(spec.batch_size, shuffle=True, generator=generator,
+                                            drop_single=True):
+                x = data_mod.augment(x, spec.crop_pad, spec.flip, generator) if (spec.crop_pad or spec.flip) else x
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                lr = spec.lr * spec.schedule.factor(step / total)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss, logits = objective.loss(model, x, y, autocast)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise BenchError(f"{desc}: training diverged (loss {value} at epoch {epoch}, step {step}, "
+                                     f"lr {lr:.3g}); lower the learning rate or use --precision fp32")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += value * len(y)
+                correct += (logits.detach().argmax(1) == y).sum().item()
+                seen += len(y)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch}/{spec.epochs}", loss=f"{value:.3f}", refresh=False)
+            record = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                      "lr": lr}
+            model.eval()
+            if evaluate is not None:
+                record.update(evaluate(model))
+            history.append(record)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch" and isinstance(v, float)})
+            value = epoch if spec.select == "last" else record[spec.select]
+            if value > best_value:
+                best_value, best_epoch = value, epoch
+                best_state = copy.deepcopy(model.state_dict()) if spec.select != "last" else None
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(history, best_epoch, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation helpers used during training
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: data_mod.Split, device: torch.device, batch_size: int = 256,
+             autocast=contextlib.nullcontext) -> float:
+    correct = 0
+    for x, y in split.batches(batch_size):
+        with autocast():
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+    return correct / max(len(split), 1)
+
+
+def robust_accuracy(model: nn.Module, split: data_mod.Split, device: torch.device, *, eps: float,
+                    alpha: float, steps: int = 10, batch_size: int = 256, generator=None,
+                    autocast=None) -> float:
+    """PGD accuracy with the model in its current mode (BN eval for a trained model)."""
+    correct = 0
+    for x, y in split.batches(batch_size):
+        x, y = x.to(device), y.to(device)
+        x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, generator=generator, autocast=autocast)
+        with torch.no_grad():
+            correct += (model(x_adv).argmax(1) == y).sum().item()
+    return correct / max(len(split), 1)
