@@ -1,0 +1,100 @@
+"""Runs attacks against a defended model and turns them into per-sample correctness flags.
+
+Batch semantics are the defense's: batches of the configured size in a fixed order, and each adversarial
+batch is scored with one forward pass of `Defended.model` (the composition the attack optimised in the
+adaptive protocol). Under the paper protocol the attack differentiates `Defended.surrogate` instead, and
+the verdict is still `Defended.model`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bench import state
+from bench.api import Attack, Defended
+from bench.data import Split
+
+BUDGET_TOL = 1e-6
+
+
+@dataclass
+class CellResult:
+    flags: np.ndarray  # per-sample: correct after the attack
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.flags.mean()) if self.flags.size else float("nan")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1)
+
+
+def clean_cell(defended: Defended, split: Split, batch_size: int, device: torch.device,
+               progress=None) -> CellResult:
+    start = time.perf_counter()
+    flags = []
+    batches = split.batches(batch_size)
+    if progress:
+        batches = progress(batches, desc="clean", total=-(-len(split) // batch_size))
+    for x, y in batches:
+        flags.append((predict(defended.model, x.to(device)) == y.to(device)).cpu())
+    return CellResult(torch.cat(flags).numpy(), time.perf_counter() - start)
+
+
+def perturbation_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = delta.flatten(1)
+    return flat.abs().amax(1), flat.norm(dim=1)
+
+
+def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size: int,
+                device: torch.device, protocol: str = "adaptive", progress=None, desc: str = "") -> CellResult:
+    """Attack every batch of `split` and score it; record budget and state violations in `extra`."""
+    target = defended.surrogate if (protocol == "paper" and defended.surrogate is not None) else defended.model
+    watched = [defended.model] + ([target] if target is not defended.model else [])
+    before = [state.digest(m) for m in watched]
+    snapshots = [(copy.deepcopy(m.state_dict()), state.modes(m)) for m in watched]
+    start = time.perf_counter()
+    flags, linf, l2 = [], [], []
+    outside = nonfinite = 0
+    batches = split.batches(batch_size)
+    if progress:
+        batches = progress(batches, desc=desc or attack.name, total=-(-len(split) // batch_size))
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        x_adv = attack.perturb(target, x, y).detach()
+        if x_adv.shape != x.shape:
+            raise RuntimeError(f"attack {attack.name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
+        nonfinite += int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
+        n_inf, n_2 = perturbation_norms(x_adv - x)
+        size = n_inf if attack.norm == "Linf" else n_2
+        out_of_box = (x_adv < -BUDGET_TOL).flatten(1).any(1) | (x_adv > 1 + BUDGET_TOL).flatten(1).any(1)
+        outside += int(((size > attack.eps + BUDGET_TOL) | out_of_box).sum())
+        linf.append(n_inf.cpu())
+        l2.append(n_2.cpu())
+        flags.append((predict(defended.model, x_adv) == y).cpu())
+    seconds = time.perf_counter() - start
+    changed = [m for m, d in zip(watched, before) if state.digest(m) != d]
+    for m, (sd, saved_modes) in zip(watched, snapshots):
+        if m in changed:  # undo, so one misbehaving attack cannot poison the cells after it
+            m.load_state_dict(sd)
+            state.restore_modes(m, saved_modes)
+    linf_all, l2_all = torch.cat(linf), torch.cat(l2)
+    extra = {
+        "state_changed": bool(changed),
+        "outside_budget": outside,
+        "nonfinite": nonfinite,
+        "max_linf": float(linf_all.max()) if len(linf_all) else 0.0,
+        "max_l2": float(l2_all.max()) if len(l2_all) else 0.0,
+        "median_l2": float(l2_all.median()) if len(l2_all) else 0.0,
+    }
+    extra.update(attack.extra())
+    return CellResult(torch.cat(flags).numpy(), seconds, extra)
