@@ -1,0 +1,1 @@
+"""Built-in attacks, registered under the `bench.attacks` entry-point group in pyproject.toml."""

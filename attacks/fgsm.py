@@ -1,0 +1,19 @@
+"""FGSM (Goodfellow et al.), via torchattacks."""
+
+from __future__ import annotations
+
+import torch
+
+from attacks import torchattacks_adapter as ta
+from bench.api import Attack, Param
+
+
+class FGSM(Attack):
+    """FGSM: one signed-gradient step of size eps on the cross-entropy (torchattacks)."""
+
+    PARAMS = {"eps": Param(8 / 255, "L-inf budget", above=0, high=1, preset="eps")}
+    order = 10
+
+    def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lib = ta.torchattacks()
+        return ta.run(lambda m: lib.FGSM(m, eps=self.params.eps), model, x, y)
