@@ -1,0 +1,121 @@
+"""Shared fixtures: the CLI run in-process, the CIFAR subset, a session cache of smoke base models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def data_root() -> Path:
+    """BENCH_DATA_DIR, else ../shared/data beside the repository (CI always has it)."""
+    return Path(os.environ.get("BENCH_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    path = data_root() / "cifar10-mini"
+    if not (path / "cifar-10-batches-py").is_dir():
+        pytest.fail(f"CIFAR-10 subset not found at {path}; set BENCH_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir() -> Path:
+    path = data_root() / "cifar100-mini"
+    if not (path / "cifar-100-python").is_dir():
+        pytest.fail(f"CIFAR-100 subset not found at {path}; set BENCH_DATA_DIR")
+    return path
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def bench(capsys):
+    """Run `bench ARGS...` in-process through the console entry point; returns exit code and output."""
+    from bench.cli import main
+
+    def call(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return call
+
+
+def bench_subprocess(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "bench.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory) -> Path:
+    """A results directory holding the smoke base models (standard, pgd_at) trained once per session."""
+    from bench.cli import main
+
+    out = tmp_path_factory.mktemp("smoke-cache")
+    for defense in ("standard", "pgd_at"):
+        try:
+            main(["run", "--preset", "smoke", "--defense", defense, "--attacks", "fgsm", "--out", str(out),
+                  "--quiet"])
+        except SystemExit as exc:  # pragma: no cover
+            raise AssertionError(f"smoke {defense} run failed with exit {exc.code}")
+    return out
+
+
+@pytest.fixture
+def out_dir(tmp_path, smoke_cache) -> Path:
+    """A fresh results directory with the session's cached smoke base models (no results yet)."""
+    out = tmp_path / "results"
+    shutil.copytree(smoke_cache / "cache", out / "cache")
+    return out
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_distribution(src: Path, dest: Path) -> Path:
+    """Make the package under `src` (with its own pyproject.toml) importable from `dest` as an installed
+    distribution: the package folder plus a .dist-info with METADATA and entry_points.txt."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    meta = tomllib.loads((src / "pyproject.toml").read_text())["project"]
+    dest.mkdir(parents=True, exist_ok=True)
+    for child in src.iterdir():
+        if child.is_dir() and (child / "__init__.py").exists():
+            shutil.copytree(child, dest / child.name, dirs_exist_ok=True)
+    info = dest / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n")
+    lines = []
+    for group, eps in meta.get("entry-points", {}).items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {value}" for name, value in eps.items()]
+        lines.append("")
+    (info / "entry_points.txt").write_text("\n".join(lines))
+    return dest

@@ -1,0 +1,5 @@
+from bench.api import Defense
+
+
+class Impostor(Defense):
+    """A defense whose name clashes with a built-in."""

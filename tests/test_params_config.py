@@ -1,0 +1,74 @@
+"""Plugin parameters and presets: conversion, ranges, did-you-mean, preset scaling, stable hashing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bench import config
+from bench.api import Param, resolve_params
+from bench.errors import BenchError
+
+SPECS = {
+    "eps": Param(8 / 255, "budget", above=0, high=1, preset="eps"),
+    "steps": Param(10, "steps", low=1),
+    "grid": Param((0.0, 0.5, 1.0), "grid", kind=tuple),
+    "extra": Param((), "extras", kind=tuple, item=str, choices=("logits", "conv1")),
+    "mode": Param("all", "mode", choices=("all", "selected", "frozen")),
+    "flag": Param(False, "flag"),
+}
+
+
+def test_strings_convert_to_declared_types():
+    got = resolve_params("x", SPECS, {"eps": "8/255", "steps": "3", "grid": "0,0.25", "extra": "logits,conv1",
+                                      "mode": "frozen", "flag": "yes"})
+    assert got == {"eps": pytest.approx(8 / 255), "steps": 3, "grid": (0.0, 0.25), "extra": ("logits", "conv1"),
+                   "mode": "frozen", "flag": True}
+
+
+def test_defaults_and_preset_scaling():
+    preset = config.concrete(config.get_preset("smoke"), __import__("bench.data").data.DATASETS["digits"])
+    got = resolve_params("x", SPECS, {}, preset)
+    assert got["eps"] == pytest.approx(0.1)  # the smoke preset's budget, not the paper default
+    assert got["steps"] == 10 and got["mode"] == "all"
+    assert resolve_params("x", SPECS, {})["eps"] == pytest.approx(8 / 255)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"eps": "0"}, "must be > 0"),
+    ({"eps": "-0.1"}, "must be > 0"),
+    ({"eps": "2"}, "must be <= 1"),
+    ({"steps": "0"}, "must be >= 1"),
+    ({"steps": "2.5"}, "expects int"),
+    ({"eps": "abc"}, "expects float"),
+    ({"eps": "nan"}, "must be finite"),
+    ({"mode": "selcted"}, "did you mean 'selected'"),
+    ({"extra": "logits,conv2"}, "must be one of"),
+    ({"flag": "maybe"}, "expects bool"),
+    ({"stpes": "3"}, "did you mean 'steps'"),
+])
+def test_bad_values_are_user_errors(given, message):
+    with pytest.raises(BenchError, match=message):
+        resolve_params("thing", SPECS, given)
+
+
+def test_preset_overrides_are_typed_and_checked():
+    p = config.get_preset("quick")
+    assert config.override_preset(p, {"n_test": "100", "eps": "16/255"}).n_test == 100
+    with pytest.raises(BenchError, match="did you mean 'n_test'"):
+        config.override_preset(p, {"n_tset": "3"})
+    with pytest.raises(BenchError, match="eps must be > 0"):
+        config.override_preset(p, {"eps": "0"})
+    with pytest.raises(BenchError, match="unknown preset 'quik' \\(did you mean 'quick'"):
+        config.get_preset("quik")
+
+
+def test_run_id_is_stable_and_ignores_where_results_go():
+    preset = config.get_preset("smoke")
+    a = config.RunConfig("pgd_at", (), (), preset, "digits", "tiny_cnn", out="/a", device="cpu")
+    b = dataclasses.replace(a, out="/b", device="cuda", attacks=(config.AttackSpec("fgsm"),))
+    c = dataclasses.replace(a, seed=1)
+    d = dataclasses.replace(a, preset=dataclasses.replace(preset, epochs_pgd_at=3))
+    assert a.run_id == b.run_id
+    assert len({a.run_id, c.run_id, d.run_id}) == 3
