@@ -6,12 +6,13 @@ register the class under the entry-point groups `bench.defenses` / `bench.attack
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
@@ -243,7 +244,7 @@ class Context:
 
     def __init__(self, *, data, arch: str, device: torch.device, seed: int, preset, cache_dir: Path,
                  precision: str = "fp32", quiet: bool = False, base_checkpoints: dict | None = None,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, scope: dict | None = None) -> None:
         self.data = data
         self.arch = arch
         self.device = torch.device(device)
@@ -254,12 +255,33 @@ class Context:
         self.quiet = quiet
         self.base_checkpoints = dict(base_checkpoints or {})
         self.log = log or logging.getLogger("bench")
+        # What every cached result of this run depends on besides the defense's own parameters.
+        self.scope = scope if scope is not None else {
+            "data": getattr(data, "fingerprint", ""), "arch": arch, "seed": seed, "precision": precision,
+            "preset": dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else str(preset),
+            "base_checkpoints": sorted(self.base_checkpoints.items())}
 
     def base(self, recipe: str = "pgd_at") -> torch.nn.Module:
         """The cached base model trained with `recipe` (trained on first use), in eval mode."""
         from bench.checkpoints import base_model
 
         return base_model(self, recipe)
+
+    def cached_model(self, kind: str, identity: dict, model: torch.nn.Module,
+                     train: Callable[[], dict]) -> dict:
+        """Run `train()` (which trains `model` in place and returns JSON-able info) unless the cache holds
+        its result for `identity` within this run's scope; on a hit, load the weights and return the info.
+        A defense that trains uses this so sweeps and resumed runs never train the same thing twice."""
+        from bench.checkpoints import cached_model
+
+        return cached_model(self, kind, identity, model, train)
+
+    def memo(self, kind: str, identity: dict, compute: Callable[[], Any]) -> Any:
+        """JSON-able `compute()` cached for `identity` within this run's scope (e.g. RiFT's MRC values,
+        shared by every top-k run)."""
+        from bench.checkpoints import memo
+
+        return memo(self, kind, identity, compute)
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None, leave: bool = False):
         from tqdm.auto import tqdm

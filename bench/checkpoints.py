@@ -8,6 +8,7 @@ so a checkpoint that exists always has a digest to be checked against. Loading u
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -126,8 +127,7 @@ def recipe_plan(recipe: str, ctx) -> tuple[Any, TrainSpec, str]:
         obj = PGDAdversarial(eps, alpha, p.pgd_steps, gen)
         return obj, TrainSpec(p.epochs_pgd_at, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
     if recipe == "trades":
-        # TRADES's step 0.007 at eps 8/255, scaled with eps for other budgets.
-        obj = TRADES(eps, 0.007 * eps / (8 / 255), p.pgd_steps, 6.0, gen)
+        obj = TRADES(eps, TRADES.step_for(eps), p.pgd_steps, 6.0, gen)
         return obj, TrainSpec(p.epochs_trades, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
     if recipe == "fgsm_rs":
         obj = FGSMRandomStart(eps, 1.25 * eps, gen)  # alpha = 10/255 at eps 8/255
@@ -191,3 +191,47 @@ def base_model(ctx, recipe: str) -> nn.Module:
     ctx.log.info("base %s: epoch %d kept (%s), %.0fs", recipe, result.best_epoch,
                  ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k.startswith("val")), result.seconds)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# defense-level caches
+
+
+def _scoped_key(ctx, kind: str, identity: dict) -> str:
+    return stable_hash({"kind": kind, "identity": identity, "scope": ctx.scope})[:20]
+
+
+def cached_model(ctx, kind: str, identity: dict, model: nn.Module, train_fn) -> dict:
+    path = ctx.cache_dir / "defense" / f"{kind}-{_scoped_key(ctx, kind, identity)}.pt"
+    if path.exists():
+        ckpt = load(path, require_digest=True)
+        load_into(model, ckpt, str(path), arch=ctx.arch, dataset=ctx.data.name)
+        ctx.log.info("%s: cache hit %s", kind, path.name)
+        return json.loads(ckpt["meta"]["info"])
+    info = train_fn()
+    # info goes in as JSON text: weights_only loading accepts plain containers, and JSON keeps it so
+    save(path, model.state_dict(), {"arch": ctx.arch, "dataset": ctx.data.name, "kind": kind,
+                                    "info": json.dumps(info, default=_plain)})
+    return json.loads(json.dumps(info, default=_plain))
+
+
+def memo(ctx, kind: str, identity: dict, compute):
+    path = ctx.cache_dir / "memo" / f"{kind}-{_scoped_key(ctx, kind, identity)}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["value"]
+        except (ValueError, KeyError):
+            ctx.log.warning("%s: unreadable cache file %s, recomputing", kind, path.name)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"kind": kind, "identity": identity, "value": value}, default=_plain)
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return json.loads(text)["value"]
+
+
+def _plain(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)

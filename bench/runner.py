@@ -248,7 +248,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
     cache = Path(cfg.out) / "cache"
     ctx = Context(data=prep.data, arch=cfg.arch, device=prep.device, seed=cfg.seed, preset=cfg.preset,
                   cache_dir=cache, precision=cfg.precision, quiet=quiet,
-                  base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log)
+                  base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log,
+                  scope={k: v for k, v in cfg.identity().items() if k not in ("defense", "params")})
     _seed_all(cfg.seed, "defense", cfg.defense)
     import time
 

@@ -131,16 +131,22 @@ class TRADES(Objective):
                 clean_eval = model(x)
             noise = torch.randn(x.shape, generator=self.generator).to(x.device)
             start = (x + 0.001 * noise).clamp(0, 1)
-            x_adv = _trades_attack(model, x, start, y, clean_eval, self.eps, self.step, self.steps, autocast)
+            x_adv = trades_attack(model, x, start, y, clean_eval, self.eps, self.step, self.steps, autocast)
         # Two forwards, as in the authors' code: one concatenated batch would mix the BN statistics.
         with autocast():
             clean, adv = model(x).float(), model(x_adv).float()
         kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
         return F.cross_entropy(clean, y) + self.beta * kl, clean
 
+    @staticmethod
+    def step_for(eps: float) -> float:
+        """TRADES's step 0.007 at eps 8/255, scaled with eps for other budgets."""
+        return 0.007 * eps / (8 / 255)
 
-def _trades_attack(model, x, start, y, clean_logits, eps, step, steps, autocast):
-    # TRADES starts from x + small noise (not a uniform start), so it runs PGD from `start` directly.
+
+def trades_attack(model, x, start, y, clean_logits, eps, step, steps, autocast):
+    """TRADES's inner maximisation: signed steps on KL(f(x) || f(x')) from `start` (x + 0.001 N(0,1)),
+    projected onto the eps-ball around x and [0,1]."""
     loss = kl_loss(clean_logits)
     x_adv = start.detach()
     for _ in range(steps):
@@ -188,6 +194,14 @@ class TrainSpec:
     crop_pad: int = 0
     flip: bool = False
     select: str = "last"  # last | max of a metric returned by `evaluate` (e.g. "val_robust")
+
+
+def finetune_spec(preset, *, epochs: int, lr: float, batch_size: int = 128, select: str = "last") -> TrainSpec:
+    """RiFT step 4's optimiser, shared by every fine-tuning defense: SGD momentum 0.9, wd 5e-4,
+    lr x0.1 at half of the epochs (the code's MultiStepLR at epochs // 2), crop + flip."""
+    return TrainSpec(epochs=epochs, lr=lr, batch_size=batch_size, schedule=Schedule("step", milestones=(0.5,)),
+                     momentum=preset.momentum, weight_decay=preset.weight_decay, crop_pad=preset.crop_pad,
+                     flip=preset.flip, select=select)
 
 
 @dataclass
