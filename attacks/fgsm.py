@@ -6,14 +6,17 @@ import torch
 
 from attacks import torchattacks_adapter as ta
 from bench.api import Attack, Param
+from bench.evaluate import finish
 
 
 class FGSM(Attack):
     """FGSM: one signed-gradient step of size eps on the cross-entropy (torchattacks)."""
 
-    PARAMS = {"eps": Param(8 / 255, "L-inf budget", above=0, high=1, preset="eps")}
+    PARAMS = {"eps": Param(8 / 255, "L-inf budget (the norm-shaping slides used 16/255)", above=0, high=1,
+                           preset="eps")}
     order = 10
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lib = ta.torchattacks()
-        return ta.run(lambda m: lib.FGSM(m, eps=self.params.eps), model, x, y)
+        wrapped = self.composed(model, x, y)
+        return finish(wrapped, ta.run(lambda m: lib.FGSM(m, eps=self.params.eps), wrapped, x, y))

@@ -1,4 +1,11 @@
-"""PGD attacks on the shared PGD loop of `bench.pgd` (best iterate, one forward+backward per step)."""
+"""The PGD family on the shared loop of `bench.pgd` (best iterate over steps and restarts; one forward
+and one input-gradient backward per step, on the whole batch, so batch-dependent defenses are attacked in
+their own composition).
+
+- `pgd10`: L-inf, 10 steps of eps/4 (2/255 at 8/255), uniform random start.
+- `pgd50`: 50 steps, 5 restarts: the stronger budget for monotonicity checks.
+- `cw_inf`: PGD on the CW margin loss, kappa = 50, 30 steps: what AT papers call CW-inf.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +13,50 @@ import torch
 
 from bench import state
 from bench.api import Attack, Param
-from bench.pgd import pgd
+from bench.pgd import ce_loss, cw_loss, pgd
+
+EPS = Param(8 / 255, "L-inf budget", above=0, high=1, preset="eps")
+ALPHA = Param(None, "step size; default eps/4", kind=float, above=0)
+EOT = Param(0, "gradient samples per step (0: 20 against a randomized defense, else 1)", low=0)
 
 
-class PGD10(Attack):
-    """PGD-10, L-inf, step eps/4 (2/255 at 8/255), uniform random start; returns the best iterate."""
-
-    PARAMS = {
-        "eps": Param(8 / 255, "L-inf budget", above=0, high=1, preset="eps"),
-        "alpha": Param(None, "step size; default eps/4", kind=float, above=0),
-        "steps": Param(10, "iterations", low=1),
-        "restarts": Param(1, "random restarts; the best iterate over all is kept", low=1),
-    }
-    order = 20
-
-    def setup(self, ctx, defended) -> None:
-        self.generator = ctx.generator(f"attack:{self.name}")
+class _PGDFamily(Attack):
+    def loss(self):
+        return ce_loss
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
         alpha = p.alpha if p.alpha is not None else p.eps / 4
-        # A defense may run BN in batch-statistics mode at inference; its buffers are put back after.
+        # A defense may run BN on batch statistics at inference; its buffers are put back afterwards.
+        eot = p.eot or (20 if self.randomized else 1)
         with state.preserved(model):
             return pgd(model, x, y, eps=p.eps, alpha=alpha, steps=p.steps, restarts=p.restarts,
-                       generator=getattr(self, "generator", None))
+                       loss=self.loss(), generator=self.generator, eot=eot)
+
+
+class PGD10(_PGDFamily):
+    """PGD-10, L-inf, step eps/4 (2/255 at 8/255), uniform random start; returns the best iterate."""
+
+    PARAMS = {"eps": EPS, "alpha": ALPHA, "steps": Param(10, "iterations", low=1),
+              "restarts": Param(1, "random restarts; the best iterate over all is kept", low=1), "eot": EOT}
+    order = 20
+
+
+class PGD50(_PGDFamily):
+    """PGD-50 with 5 random restarts, L-inf: the larger budget for budget-monotonicity checks."""
+
+    PARAMS = {"eps": EPS, "alpha": ALPHA, "steps": Param(50, "iterations", low=1),
+              "restarts": Param(5, "random restarts; the best iterate over all is kept", low=1), "eot": EOT}
+    order = 40
+
+
+class CWInf(_PGDFamily):
+    """CW-inf: PGD on the Carlini-Wagner margin loss (kappa 50), 30 steps, L-inf."""
+
+    PARAMS = {"eps": EPS, "alpha": ALPHA, "steps": Param(30, "iterations", low=1),
+              "restarts": Param(1, "random restarts", low=1),
+              "kappa": Param(50.0, "confidence margin of the CW loss", low=0.0), "eot": EOT}
+    order = 30
+
+    def loss(self):
+        return cw_loss(self.params.kappa)

@@ -66,15 +66,39 @@ def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Genera
     return project(x + direction * eps * radius.view(-1, *([1] * (x.dim() - 1))), x, eps, norm)
 
 
+def better(wrong: torch.Tensor, loss: torch.Tensor, best_wrong: torch.Tensor, best_loss: torch.Tensor) -> torch.Tensor:
+    """Per sample: is the new candidate better than the best so far? Misclassified beats correct, then
+    higher loss."""
+    return (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+
+
+@torch.no_grad()
+def best_of(model: torch.nn.Module, y: torch.Tensor, candidates: list[torch.Tensor],
+            loss: Loss = ce_loss) -> torch.Tensor:
+    """Per sample, the candidate batch entry the model gets wrong (else with the higher loss), each
+    candidate judged by one forward of its full batch (the composition a batch-dependent defense sees)."""
+    best = candidates[0]
+    logits = model(best)
+    best_wrong, best_loss = logits.argmax(1) != y, loss(logits, y)
+    for cand in candidates[1:]:
+        logits = model(cand)
+        wrong, values = logits.argmax(1) != y, loss(logits, y)
+        take = better(wrong, values, best_wrong, best_loss)
+        best = torch.where(take.view(-1, *([1] * (cand.dim() - 1))), cand, best)
+        best_wrong, best_loss = best_wrong | wrong, torch.where(take, values, best_loss)
+    return best
+
+
 def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
         steps: int, norm: str = "Linf", loss: Loss = ce_loss, restarts: int = 1, rand_init: bool = True,
-        generator: torch.Generator | None = None, track_best: bool = True,
+        generator: torch.Generator | None = None, track_best: bool = True, eot: int = 1,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
     """Maximise `loss` within the (norm, eps) ball intersected with [0,1].
 
     With `track_best` the returned batch holds, per sample, the best iterate over all steps and restarts
     (misclassified beats correct, then higher loss); without it, the last iterate of the last restart
-    (what Madry-style training uses).
+    (what Madry-style training uses). `eot` > 1 averages the gradient over that many forward passes
+    (expectation over transformation, for randomized defenses).
     """
     x = x.detach()
     autocast = autocast or contextlib.nullcontext
@@ -85,20 +109,24 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     def keep(candidate, logits, values):
         nonlocal best, best_wrong, best_loss
         wrong = logits.argmax(1) != y
-        better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (values > best_loss))
-        best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), candidate, best)
+        take = better(wrong, values, best_wrong, best_loss)
+        best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), candidate, best)
         best_wrong = best_wrong | wrong
-        best_loss = torch.where(better, values, best_loss)
+        best_loss = torch.where(take, values, best_loss)
 
     x_adv = x
     for _ in range(restarts):
         x_adv = random_start(x, eps, norm, generator) if rand_init else x.clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            with autocast():
-                logits = model(x_adv)
-            values = loss(logits, y)
-            grad, = torch.autograd.grad(values.sum(), x_adv)
+            grad = torch.zeros_like(x_adv)
+            for draw in range(eot):
+                with autocast():
+                    out = model(x_adv)
+                draw_values = loss(out, y)
+                grad += torch.autograd.grad(draw_values.sum(), x_adv)[0]
+                if draw == 0:
+                    logits, values = out, draw_values
             x_adv = x_adv.detach()
             if track_best:
                 keep(x_adv, logits.detach(), values.detach())

@@ -1,0 +1,102 @@
+"""Attack throughput on the mini preset, measured in one run.
+
+    python benchmarks/attacks.py --data-dir ../shared/data/cifar10-mini [--results results] [--n 256]
+
+Uses the cached mini PGD-AT base model from the results directory (train it with
+`bench run --preset mini --defense pgd_at ...`); falls back to random weights with a warning.
+Prints images/s per attack, our DeepFool against torchattacks' DeepFool on the same images (target: at
+least 20x faster), our PGD-10 against torchattacks' PGD (target: at most 1.05x its time), and
+AutoAttack's time per robust sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import time
+
+import torch
+
+from bench import checkpoints, config, data, models
+from bench.api import Defended, resolve_params
+from bench.registry import load
+
+ATTACKS = ["fgsm", "pgd10", "cw_inf", "pgd50", "deepfool", "cw_l2", "shaping", "square", "autoattack"]
+
+
+class Ctx:
+    def __init__(self, ds, seed=0):
+        self.data, self.seed = ds, seed
+
+    def generator(self, purpose):
+        return torch.Generator().manual_seed(len(purpose))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--results", default="results", help="results directory holding cache/base/")
+    ap.add_argument("--n", type=int, default=256, help="test images per attack")
+    ap.add_argument("--skip", default="", help="comma-separated attacks to leave out")
+    args = ap.parse_args()
+
+    preset = config.concrete(config.get_preset("mini"), data.DATASETS["cifar10"])
+    ds = data.load("cifar10", args.data_dir, n_val=preset.n_val, n_test=args.n)
+    model = models.build(preset.arch, ds.spec)
+    found = sorted(glob.glob(f"{args.results}/cache/base/cifar10-resnet20-pgd_at-*.pt"))
+    if found:
+        checkpoints.load_into(model, checkpoints.load(found[0], require_digest=True), found[0], arch="resnet20",
+                              dataset="cifar10")
+        print(f"model: {found[0]}")
+    else:
+        print("WARNING: no cached mini PGD-AT base found; random weights (attacks will look too easy)")
+    model.eval()
+    x, y = ds.test.x, ds.test.y
+    n = len(x)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    print(f"resnet20, {n} CIFAR-10 test images, cpu fp32, clean accuracy {clean:.1%}\n")
+    print(f"{'attack':<12}{'seconds':>10}{'images/s':>10}{'robust acc':>12}")
+    seconds = {}
+    skip = set(filter(None, args.skip.split(",")))
+    for name in ATTACKS:
+        if name in skip:
+            continue
+        cls = load("attack", name)
+        attack = cls(**resolve_params(name, cls.PARAMS, {}, preset))
+        attack.setup(Ctx(ds), Defended(model))
+        x_adv, sec = timed(lambda: torch.cat([attack.perturb(model, x[i:i + 256], y[i:i + 256])
+                                              for i in range(0, n, 256)]))
+        with torch.no_grad():
+            acc = (model(x_adv).argmax(1) == y).float()
+        seconds[name] = (sec, acc)
+        print(f"{name:<12}{sec:>10.1f}{n / sec:>10.1f}{acc.mean().item():>12.1%}")
+
+    import torchattacks
+
+    print()
+    if "pgd10" in seconds:
+        ref = torchattacks.PGD(model, eps=preset.eps, alpha=preset.alpha, steps=10, random_start=True)
+        _, t_ref = timed(lambda: ref(x, y))
+        print(f"PGD-10: ours {seconds['pgd10'][0]:.1f}s, torchattacks {t_ref:.1f}s -> ours / torchattacks = "
+              f"{seconds['pgd10'][0] / t_ref:.3f} (target <= 1.05)")
+    if "deepfool" in seconds:
+        ref = torchattacks.DeepFool(model, steps=50, overshoot=0.02)
+        _, t_ref = timed(lambda: ref(x, y))
+        print(f"DeepFool: ours {seconds['deepfool'][0]:.1f}s, torchattacks {t_ref:.1f}s -> ours is "
+              f"{t_ref / seconds['deepfool'][0]:.1f}x faster (target >= 20x)")
+    if "autoattack" in seconds:
+        sec, acc = seconds["autoattack"]
+        robust = int(acc.sum())
+        print(f"AutoAttack: {sec:.1f}s for {n} images, {robust} robust -> {sec / max(robust, 1):.2f}s per robust "
+              f"sample, {sec / n:.2f}s per image")
+
+
+if __name__ == "__main__":
+    main()

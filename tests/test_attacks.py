@@ -1,0 +1,375 @@
+"""The attack suite: budgets, strength, untouched models, batch composition, reference equivalence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench import data, models, state, train
+from bench.api import Defended, resolve_params
+from bench.errors import BenchError
+from bench.evaluate import BatchComposition, attack_cell
+from bench.registry import load
+
+DEVICE = torch.device("cpu")
+ALL_ATTACKS = ["pgd10", "pgd50", "cw_inf", "fgsm", "cw_l2", "deepfool", "square", "autoattack",
+               "autoattack_rand", "shaping"]
+LARGE = {"Linf": 0.3, "L2": 3.0}
+FAST = {"pgd50": {"steps": 10, "restarts": 2}, "square": {"queries": 300}, "cw_l2": {"steps": 100, "c": 10.0}}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A clean-trained (undefended) small CNN on digits and 64 test images."""
+    ds = data.load("digits", n_train=900, n_val=50, n_test=64)
+    torch.manual_seed(0)
+    model = models.build("tiny_cnn", ds.spec)
+    train.train(model, ds.train, train.Clean(), train.TrainSpec(epochs=15, lr=0.2, batch_size=64), device=DEVICE,
+                generator=torch.Generator().manual_seed(0))
+    assert train.accuracy(model, ds.test, DEVICE) > 0.85
+    return model.eval(), ds
+
+
+class FakeCtx:
+    def __init__(self, ds, seed=0):
+        self.data, self.seed = ds, seed
+
+    def generator(self, purpose):
+        import zlib
+
+        return torch.Generator().manual_seed(zlib.crc32(purpose.encode()))
+
+
+def make(name, ds, defended, **params):
+    cls = load("attack", name)
+    attack = cls(**resolve_params(name, cls.PARAMS, params))
+    attack.setup(FakeCtx(ds), defended)
+    return attack
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_attack_respects_budget_box_and_leaves_the_model_untouched(trained, name):
+    model = copy.deepcopy(trained[0])
+    model.eval()
+    model.bn2.train()  # mixed modes: one BN on batch statistics, its buffers would move on every forward
+    ds = trained[1]
+    x, y = ds.test.x[:32], ds.test.y[:32]
+    with torch.no_grad():
+        model(x)  # (this forward moves bn2's buffers: take the reference after it)
+    digest, modes = state.digest(model), state.modes(model)
+    attack = make(name, ds, Defended(model), **FAST.get(name, {}))
+    x_adv = attack.perturb(model, x, y)
+    assert state.digest(model) == digest and state.modes(model) == modes
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if attack.norm == "Linf" else delta.norm(dim=1)
+    assert float(size.max()) <= attack.eps + 1e-6
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1 and torch.isfinite(x_adv).all()
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_attack_drives_an_undefended_model_near_zero_at_a_large_budget(trained, name):
+    model, ds = trained
+    x, y = ds.test.x, ds.test.y
+    cls = load("attack", name)
+    eps = LARGE[cls.norm]
+    attack = make(name, ds, Defended(model), eps=eps, **FAST.get(name, {}))
+    acc = accuracy(model, attack.perturb(model, x, y), y)
+    assert acc <= 0.05, f"{name} left {acc:.1%} at eps {eps}"
+
+
+def test_pgd_budgets_are_ordered_on_a_defended_model(out_dir):
+    """More steps and restarts never help the defender (same samples, same model)."""
+    from conftest import make_ctx
+
+    ctx = make_ctx(out_dir)
+    model, ds = ctx.base("pgd_at"), ctx.data
+    x, y = ds.test.x, ds.test.y
+    accs = {n: accuracy(model, make(n, ds, Defended(model)).perturb(model, x, y), y) for n in ("fgsm", "pgd10", "pgd50")}
+    assert accs["pgd50"] <= accs["pgd10"] + 0.02 and accs["pgd10"] <= accs["fgsm"] + 0.02
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"eps": "0"}, "must be > 0"), ({"eps": "1.5"}, "must be <= 1"), ({"steps": "0"}, "must be >= 1")])
+def test_out_of_range_parameters(params, message):
+    cls = load("attack", "pgd10")
+    with pytest.raises(BenchError, match=message):
+        resolve_params("pgd10", cls.PARAMS, params)
+
+
+def test_unknown_norm_is_rejected():
+    from bench.api import Attack, Param
+
+    class Odd(Attack):
+        PARAMS = {"eps": Param(0.1, "eps"), "norm": Param("L1", "norm")}
+
+    with pytest.raises(BenchError, match="norm must be Linf or L2"):
+        Odd()
+
+
+def test_more_targets_than_classes_fails_before_any_work(bench, tmp_path):
+    res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "autoattack", "--attack-param",
+                "autoattack.n_target_classes=10", "--out", tmp_path / "r", "--quiet")
+    assert res.code == 2 and "10 target classes but the data has 10 classes" in res.err
+    assert not (tmp_path / "r" / "cache").exists()  # nothing was trained
+
+
+# ---------------------------------------------------------------------------------------- references
+
+
+def test_autoattack_matches_pyautoattack_called_directly(trained):
+    from pyautoattack import AutoAttack as Reference
+
+    model, ds = trained
+    x, y = ds.test.x[:48], ds.test.y[:48]
+    eps = 0.1
+    ours = make("autoattack", ds, Defended(model), eps=eps)
+    ours.seed = 7
+    ref = Reference(model, norm="Linf", eps=eps, version="standard", seed=7, device="cpu")
+    ref.verbose = False
+    x_ref, _ = ref.run_standard_evaluation(x, y, batch_size=len(x))
+    x_ours = ours.perturb(model, x, y)
+    with torch.no_grad():
+        assert torch.equal(model(x_ours).argmax(1) == y, model(x_ref).argmax(1) == y)
+    assert 0 < accuracy(model, x_ours, y) < accuracy(model, x, y)  # the comparison is not vacuous
+
+
+def test_deepfool_matches_torchattacks(cifar10_dir):
+    """Same 64 CIFAR images of a trained small model: the same flipped set within 2 images and the median
+    ||delta||_2 within 10%. Each attack's flips are judged the way it decides them (torchattacks: one image
+    at a time; ours: in the batch)."""
+    import torchattacks
+
+    ds = data.load("cifar10", cifar10_dir, n_val=100, n_test=64)
+    torch.manual_seed(0)
+    model = models.build("tiny_cnn", ds.spec)
+    train.train(model, ds.train.subset(slice(0, 3000)), train.Clean(), train.TrainSpec(epochs=6, lr=0.1, batch_size=64),
+                device=DEVICE, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    x, y = ds.test.x, ds.test.y
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    assert 0.3 < correct.float().mean() < 0.9
+    ours = make("deepfool", ds, Defended(model), box_aware=False)
+    x_min, flipped = ours.minimal(model, x, y)
+    ref = torchattacks.DeepFool(model, steps=50, overshoot=0.02)(x, y)
+    with torch.no_grad():
+        ref_flipped = torch.cat([model(ref[i:i + 1]).argmax(1) for i in range(len(x))]) != y
+    assert int((flipped ^ ref_flipped).sum()) <= 2
+    ours_l2 = (x_min - x).flatten(1).norm(dim=1)[flipped & correct]
+    ref_l2 = (ref - x).flatten(1).norm(dim=1)[ref_flipped & correct]
+    assert float(ours_l2.median()) == pytest.approx(float(ref_l2.median()), rel=0.10)
+    boxed = make("deepfool", ds, Defended(model)).minimal(model, x, y)[1]  # the default variant agrees here too
+    assert int((boxed ^ ref_flipped).sum()) <= 2
+
+
+def test_deepfool_does_not_stall_at_the_box(trained):
+    """On digits many pixels are exactly 0 or 1; without box awareness DeepFool's clipped steps go
+    nowhere and it leaves a third of an undefended model's samples unflipped."""
+    model, ds = trained
+    x, y = ds.test.x, ds.test.y
+    plain = make("deepfool", ds, Defended(model), box_aware=False).minimal(model, x, y)[1]
+    boxed = make("deepfool", ds, Defended(model)).minimal(model, x, y)[1]
+    assert int(boxed.sum()) == len(y) and int(plain.sum()) < 0.9 * len(y)
+
+
+# ---------------------------------------------------------------------------------------- batch-dependent
+
+
+class BatchMeanDefense(nn.Module):
+    """A deliberately batch-dependent toy: a linear classifier on x - mean(batch), the mean taken without
+    gradient (like BN statistics treated as constants). Alone, or in a small survivor batch, a sample is
+    centred on itself and looks like an all-zero image. Its input gradient never depends on the rest of
+    the batch, so a correct harness reaches the same adversarial points however the batch is split."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.linear.weight.data.copy_(weight)
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        flat = x.flatten(1)
+        return self.linear(flat - flat.mean(0, keepdim=True).detach())
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Two digit classes (0 vs 1); the toy's weights are the class-mean difference, so it is accurate
+    on full batches."""
+    ds = data.load("digits", n_val=1)
+    keep = ds.test.y < 2
+    x, y = ds.test.x[keep][:40], ds.test.y[keep][:40]
+    tr = ds.train.y < 2
+    means = torch.stack([ds.train.x[tr][ds.train.y[tr] == c].flatten(1).mean(0) for c in (0, 1)])
+    weight = 4 * (means - means.mean(0))
+    return BatchMeanDefense(weight).eval(), x, y
+
+
+def test_the_toy_really_is_batch_dependent(toy):
+    model, x, y = toy
+    with torch.no_grad():
+        full = model(x).argmax(1)
+        alone = torch.cat([model(x[i:i + 1]).argmax(1) for i in range(len(x))])
+    assert (full == y).float().mean() > 0.9
+    assert not torch.equal(full, alone)
+
+
+def test_batch_composition_rebuilds_the_whole_batch(toy):
+    model, x, y = toy
+    wrapped = BatchComposition(model, x, y, "Linf", 0.1)
+    model.sizes.clear()
+    sub = x[[3, 7, 1]] + 0.01
+    with torch.no_grad():
+        out = wrapped(sub)
+        full = x.clone()
+        full[[3, 7, 1]] = sub
+        assert torch.allclose(out, model(full)[[3, 7, 1]])
+        # a later query of other rows runs with rows 3, 7, 1 at their latest queried state
+        assert torch.allclose(wrapped(x[[0, 2]]), model(full)[[0, 2]])
+    assert set(model.sizes) == {len(x)}
+
+
+class BatchSizeDefense(nn.Module):
+    """A deliberately batch-dependent toy: a 10-class linear classifier whose class-0 logit is raised in
+    batches smaller than the 40 it is evaluated with -- like statistics that depend on the composition.
+    In survivor batches of 8 it looks like another model."""
+
+    def __init__(self, weight: torch.Tensor, full: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.linear.weight.data.copy_(weight)
+        self.full = full
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        out = self.linear(x.flatten(1))
+        return out + F.one_hot(torch.tensor(0), out.shape[1]).float() * 6.0 * (1 - len(x) / self.full)
+
+
+@pytest.fixture(scope="module")
+def size_toy():
+    ds = data.load("digits", n_val=1)
+    means = torch.stack([ds.train.x[ds.train.y == c].flatten(1).mean(0) for c in range(10)])
+    x, y = ds.test.x[:40], ds.test.y[:40]
+    return BatchSizeDefense(4 * (means - means.mean(0)), len(x)).eval(), x, y, ds
+
+
+def _autoattack_flags(toy, x, y, ds, *, library_batch, declared, monkeypatch):
+    from pyautoattack import AutoAttack as Reference
+
+    original = Reference.run_standard_evaluation
+    monkeypatch.setattr(Reference, "run_standard_evaluation",
+                        lambda self, xs, ys, **kw: original(self, xs, ys, batch_size=library_batch))
+    defended = Defended(toy, batch_dependent=declared)
+    attack = make("autoattack", ds, defended, eps=0.12)
+    toy.sizes.clear()
+    res = attack_cell(attack, defended, data.Split(x, y), batch_size=len(x), device=DEVICE)
+    monkeypatch.setattr(Reference, "run_standard_evaluation", original)
+    return res.flags, set(toy.sizes)
+
+
+def test_rebatched_survivors_do_not_change_the_verdict(size_toy, monkeypatch):
+    """AutoAttack re-batches survivors between and inside its attacks. Declared batch-dependent, the
+    defense sees its whole batch on every call and the verdict is the same whether AutoAttack works on
+    all 40 samples at once or on survivors in chunks of 8; undeclared, the chunks see another model and
+    the robust accuracy is overestimated."""
+    toy, x, y, ds = size_toy
+    whole, sizes_whole = _autoattack_flags(toy, x, y, ds, library_batch=40, declared=True, monkeypatch=monkeypatch)
+    chunks, sizes_chunks = _autoattack_flags(toy, x, y, ds, library_batch=8, declared=True, monkeypatch=monkeypatch)
+    assert sizes_whole == sizes_chunks == {40}
+    assert (whole == chunks).all()
+    with torch.no_grad():
+        clean = (toy(x).argmax(1) == y).float().mean()
+    assert 0 < whole.mean() < clean  # not vacuous: the attack fools some samples, not all
+    naive, sizes = _autoattack_flags(toy, x, y, ds, library_batch=8, declared=False, monkeypatch=monkeypatch)
+    assert min(sizes) < 40 and naive.mean() > whole.mean() + 0.1
+
+
+@pytest.mark.parametrize("name", ["square", "shaping", "cw_l2"])
+def test_libraries_that_query_subsets_see_the_whole_batch(size_toy, name):
+    toy, x, y, ds = size_toy
+    defended = Defended(toy, batch_dependent=True)
+    params = {"square": {"eps": 0.12, "queries": 200}, "shaping": {"eps": 0.12}, "cw_l2": {"eps": 2.0}}[name]
+    attack = make(name, ds, defended, **params)
+    toy.sizes.clear()
+    res = attack_cell(attack, defended, data.Split(x, y), batch_size=len(x), device=DEVICE)
+    assert set(toy.sizes) == {40}, f"{name}: the toy saw batches of {sorted(set(toy.sizes))}"
+    assert res.flags.mean() < (toy(x).argmax(1) == y).float().mean()
+    assert res.extra["outside_budget"] == 0
+
+
+def test_without_composition_a_library_would_score_the_wrong_batch(toy):
+    """The trap the wrapper avoids: AutoAttack's own bookkeeping on survivor sub-batches disagrees with
+    the defense's real (full-batch) predictions."""
+    from pyautoattack import AutoAttack as Reference
+
+    model, x, y = toy
+    ref = Reference(model, norm="Linf", eps=0.3, version="custom", attacks=["apgd-ce"], seed=0, device="cpu")
+    ref.verbose = False
+    x_adv, y_adv = ref.run_standard_evaluation(x, y, batch_size=4)
+    with torch.no_grad():
+        truth = model(x_adv).argmax(1)
+    assert not torch.equal(truth, y_adv)
+
+
+# ---------------------------------------------------------------------------------------- protocols
+
+
+def test_paper_protocol_attacks_the_surrogate_and_scores_the_model(out_dir, bench):
+    args = ["run", "--preset", "smoke", "--defense", "norm_shaping", "--attacks", "pgd10,shaping", "--out", out_dir,
+            "--set", "epochs_pgd_at=3", "--quiet"]
+    assert bench(*args, "--protocol", "paper").code == 0
+    assert bench(*args).code == 0
+    from bench.store import Store
+
+    store = Store(out_dir, create=False)
+    cells = {(c["attack"], c["protocol"]): c for c in store.cells()}
+    assert {("pgd10", "paper"), ("pgd10", "adaptive"), ("shaping", "paper"), ("shaping", "adaptive")} <= set(cells)
+    # the adaptive attack differentiates the real inference procedure: at least as strong
+    assert cells[("pgd10", "adaptive")]["correct"] <= cells[("pgd10", "paper")]["correct"]
+    assert cells[("shaping", "adaptive")]["extra"].get("note", "") == ""
+
+
+def test_shaping_on_a_batch_independent_defense_is_pgd_and_says_so(out_dir, bench):
+    res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "shaping", "--out", out_dir, "--quiet")
+    assert res.code == 0
+    from bench.store import Store
+
+    (cell,) = [c for c in Store(out_dir, create=False).cells() if c["attack"] == "shaping"]
+    assert "not batch-dependent" in cell["extra"]["note"]
+
+
+def test_randomized_defense_gets_autoattack_rand(out_dir, bench, tmp_path):
+    import os
+
+    from conftest import PLUGINS, bench_subprocess, make_distribution
+
+    site = make_distribution(PLUGINS / "toy_plugin", tmp_path / "site")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    res = bench_subprocess("run", "--preset", "smoke", "--defense", "toy_random", "--attacks", "autoattack",
+                           "--set", "n_test=16", "--out", out_dir, "--quiet", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "autoattack_rand" in res.stdout
+    from bench.store import Store
+
+    labels = {c["attack"] for c in Store(out_dir, create=False).cells()}
+    assert "autoattack_rand" in labels and "autoattack" not in labels
+
+
+def test_all_runs_every_attack_but_the_substitutes(bench, out_dir):
+    from bench.runner import attack_names
+
+    names = attack_names("all")
+    assert set(names) == set(ALL_ATTACKS) - {"autoattack_rand"}
+    assert names.index("fgsm") < names.index("pgd10") < names.index("autoattack")
