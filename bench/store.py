@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS checks (
     name TEXT NOT NULL,
     status TEXT NOT NULL,
     detail TEXT NOT NULL,
+    flag TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     PRIMARY KEY (run_id, name)
 );
@@ -87,6 +88,9 @@ class Store:
             if create:
                 with self.conn:
                     self.conn.executescript(SCHEMA)
+                    columns = {r[1] for r in self.conn.execute("PRAGMA table_info(checks)")}
+                    if "flag" not in columns:  # databases written before checks had flags
+                        self.conn.execute("ALTER TABLE checks ADD COLUMN flag TEXT NOT NULL DEFAULT ''")
             else:
                 self.conn.execute("SELECT 1 FROM cells LIMIT 1")
         except sqlite3.DatabaseError as exc:
@@ -120,11 +124,12 @@ class Store:
                  float(eps), threat, int(flags.size), int(flags.sum()), pack(flags), float(seconds),
                  json.dumps(extra, sort_keys=True, default=_jsonable), time.time()))
 
-    def put_checks(self, run_id: str, results: Iterable[tuple[str, str, str]]) -> None:
+    def put_checks(self, run_id: str, results: Iterable[tuple[str, str, str, str]]) -> None:
+        """(name, status, detail, flag) rows; a check stored again replaces its earlier result."""
         with self.conn:
             self.conn.executemany(
-                "INSERT OR REPLACE INTO checks (run_id, name, status, detail, created) VALUES (?,?,?,?,?)",
-                [(run_id, name, status, detail, time.time()) for name, status, detail in results])
+                "INSERT OR REPLACE INTO checks (run_id, name, status, detail, flag, created) VALUES (?,?,?,?,?,?)",
+                [(run_id, name, status, detail, flag, time.time()) for name, status, detail, flag in results])
 
     # -- reading -------------------------------------------------------------------------------------
 

@@ -1,0 +1,232 @@
+"""Sanity checks that decide whether a robustness number could have been fooled (METHODS.md, evaluation
+protocol). Each returns a CheckResult (pass / warn / fail / skip, a detail string, and the short flag the
+leaderboard prints). Numbered as in the issue:
+
+ 1 state_preserved      attacks left parameters, buffers and module modes untouched
+ 2 budget               every adversarial example inside its (norm, eps) + 1e-6 and [0,1], no NaN
+ 3 determinism          two forwards of one batch agree; otherwise the defense is randomized
+ 4 batch_dependence     batch-of-1 vs batch-of-B logits differ -> batch_dependent must be declared
+ 5 gradient_health      zero / NaN / inf input gradients on more than 1% of samples
+ 6 large_eps            PGD at eps = min(1, 8 x eps) (64/255 at 8/255) leaves <= 5% accuracy
+ 7 budget_monotonicity  pgd50 <= pgd10 <= fgsm, beyond noise (McNemar p < 0.05)
+ 8 blackbox_whitebox    Square does not beat the best white-box attack by more than 0.2 pt
+ 9 worst_case           the worst case is at most the minimum over attacks, per threat model
+10 protocol_gap         paper-protocol accuracy above the adaptive one beyond noise: overestimated
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bench import state
+from bench.pgd import pgd
+from bench.stats import mcnemar
+
+ORDER = ["state_preserved", "budget", "determinism", "batch_dependence", "gradient_health", "large_eps",
+         "budget_monotonicity", "blackbox_whitebox", "worst_case", "protocol_gap"]
+WHITE_BOX = ("pgd10", "pgd50", "cw_inf", "fgsm", "autoattack", "shaping", "autoattack_rand")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # pass | warn | fail | skip
+    detail: str
+    flag: str = ""  # what the leaderboard prints when the status is warn/fail
+
+    def row(self) -> tuple[str, str, str, str]:
+        return self.name, self.status, self.detail, self.flag
+
+
+# ----------------------------------------------------------------------------------------------------
+# probes of the defended model (3-6), on the first batch
+
+
+@torch.no_grad()
+def determinism(model: torch.nn.Module, x: torch.Tensor, declared: bool) -> CheckResult:
+    with state.preserved(model):
+        a, b = model(x), model(x)
+    same = torch.equal(a, b)
+    gap = float((a - b).abs().max())
+    if same and not declared:
+        return CheckResult("determinism", "pass", "two forwards of the first batch are identical")
+    if same and declared:
+        return CheckResult("determinism", "warn", "declared randomized, but two forwards are identical")
+    if declared:
+        return CheckResult("determinism", "pass", f"randomized as declared (max |logit difference| {gap:.3g})")
+    return CheckResult("determinism", "warn", f"two forwards of one batch differ (max |logit difference| "
+                       f"{gap:.3g}) but the defense does not declare randomized=True: treated as randomized "
+                       f"(EOT attacks, repeated verdicts)", "⚠ undeclared randomness")
+
+
+@torch.no_grad()
+def batch_dependence(model: torch.nn.Module, x: torch.Tensor, declared: bool, randomized: bool,
+                     probes: int = 8) -> CheckResult:
+    if randomized:
+        return CheckResult("batch_dependence", "skip", "randomized defense: batch effects cannot be told apart")
+    k = min(probes, len(x))
+    with state.preserved(model):
+        together = model(x)[:k]
+        alone = torch.cat([model(x[i:i + 1]) for i in range(k)])
+    scale = float(together.abs().max()) + 1.0
+    gap = float((together - alone).abs().max())
+    flips = int((together.argmax(1) != alone.argmax(1)).sum())
+    dependent = gap > 1e-3 * scale
+    detail = f"batch of 1 vs batch of {len(x)}: max |logit difference| {gap:.3g}, {flips}/{k} predictions change"
+    if dependent and not declared:
+        return CheckResult("batch_dependence", "fail", detail + "; the defense does not declare "
+                           "batch_dependent=True", "⚠ batch-dependent: adaptive attack required")
+    if not dependent and declared:
+        return CheckResult("batch_dependence", "warn", detail + "; declared batch-dependent but it is not")
+    return CheckResult("batch_dependence", "pass", detail + ("; declared" if declared else ""))
+
+
+def gradient_health(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> CheckResult:
+    """Input gradients of the CW margin (it does not vanish when a confident softmax saturates)."""
+    with state.preserved(model):
+        xr = x.clone().requires_grad_(True)
+        logits = model(xr).float()
+        real = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+        grad, = torch.autograd.grad((other - real).sum(), xr)
+    flat = grad.flatten(1)
+    bad = (~torch.isfinite(flat)).any(1) | (flat == 0).all(1)
+    share = float(bad.float().mean())
+    detail = f"{int(bad.sum())}/{len(x)} samples with zero or non-finite input gradients"
+    if share > 0.01:
+        return CheckResult("gradient_health", "fail", detail + ": gradient masking or a non-differentiable step",
+                           "⚠ gradient masking")
+    return CheckResult("gradient_health", "pass", detail)
+
+
+def large_eps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+              generator: torch.Generator | None = None) -> CheckResult:
+    big = min(1.0, 8 * eps)
+    with state.preserved(model):
+        x_adv = pgd(model, x, y, eps=big, alpha=big / 4, steps=20, generator=generator)
+        with torch.no_grad():
+            acc = float((model(x_adv).argmax(1) == y).float().mean())
+    detail = f"PGD-20 at eps {big:.4g} (8 x eps): {acc:.1%} accuracy on {len(x)} samples"
+    if acc > 0.05:
+        return CheckResult("large_eps", "fail", detail + " (> 5%: gradient masking or a broken attack path)",
+                           "⚠ survives a huge budget")
+    return CheckResult("large_eps", "pass", detail)
+
+
+def probe(defended, x: torch.Tensor, y: torch.Tensor, eps: float, generator=None) -> list[CheckResult]:
+    """Checks 3-6 on one batch of the defended model (the adaptive target)."""
+    model = defended.model
+    out = [determinism(model, x, defended.randomized)]
+    randomized = defended.randomized or out[0].status == "warn" and "treated as randomized" in out[0].detail
+    out.append(batch_dependence(model, x, defended.batch_dependent, randomized))
+    out.append(gradient_health(model, x, y))
+    out.append(large_eps(model, x, y, eps, generator))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks over the stored cells (1, 2, 7-10)
+
+
+def _acc(cell) -> float:
+    return cell["correct"] / cell["n"] if cell["n"] else float("nan")
+
+
+def state_preserved(cells: list[dict]) -> CheckResult:
+    bad = [c["attack"] for c in cells if c["extra"].get("state_changed")]
+    if bad:
+        return CheckResult("state_preserved", "fail", f"the model changed during {', '.join(sorted(set(bad)))} "
+                           "(restored before the next attack)", "⚠ attack changed the model")
+    return CheckResult("state_preserved", "pass", f"parameters, buffers and modes identical after {len(cells)} cells")
+
+
+def budget(cells: list[dict]) -> CheckResult:
+    bad = [f"{c['attack']} ({c['extra'].get('outside_budget', 0)} outside, {c['extra'].get('nonfinite', 0)} NaN)"
+           for c in cells if c["extra"].get("outside_budget", 0) or c["extra"].get("nonfinite", 0)]
+    if bad:
+        return CheckResult("budget", "fail", "adversarial examples outside the budget or [0,1]: " + "; ".join(bad),
+                           "⚠ outside the threat model")
+    return CheckResult("budget", "pass", f"every example within its (norm, eps) + 1e-6 and [0,1] in {len(cells)} cells")
+
+
+def budget_monotonicity(by_name: dict[str, dict]) -> CheckResult:
+    pairs = [("pgd10", "pgd50"), ("fgsm", "pgd10")]  # (weaker, stronger)
+    present = [(w, s) for w, s in pairs if w in by_name and s in by_name]
+    if not present:
+        return CheckResult("budget_monotonicity", "skip", "needs two of fgsm, pgd10, pgd50 in the same run")
+    problems, notes = [], []
+    for weak, strong in present:
+        test = mcnemar(by_name[weak]["flags"], by_name[strong]["flags"])  # delta = strong - weak
+        notes.append(f"{strong} {_acc(by_name[strong]):.1%} vs {weak} {_acc(by_name[weak]):.1%} (p={test.p_value:.3g})")
+        if test.delta > 0 and test.significant:
+            problems.append(f"{strong} leaves more accuracy than {weak}")
+    if problems:
+        return CheckResult("budget_monotonicity", "fail", "; ".join(problems + notes),
+                           "⚠ stronger attack is weaker: gradient masking?")
+    return CheckResult("budget_monotonicity", "pass", "; ".join(notes))
+
+
+def blackbox_whitebox(by_name: dict[str, dict]) -> CheckResult:
+    if "square" not in by_name:
+        return CheckResult("blackbox_whitebox", "skip", "square not run")
+    threat = by_name["square"]["threat"]
+    white = {n: c for n, c in by_name.items() if n in WHITE_BOX and c["threat"] == threat}
+    if not white:
+        return CheckResult("blackbox_whitebox", "skip", "no white-box attack of the same threat model")
+    best_name = min(white, key=lambda n: _acc(white[n]))
+    sq, wb = _acc(by_name["square"]), _acc(white[best_name])
+    detail = f"square {sq:.2%} vs best white-box {best_name} {wb:.2%}"
+    if sq < wb - 0.002:
+        return CheckResult("blackbox_whitebox", "fail", detail + ": a black-box attack beats the gradients",
+                           "⚠ gradient masking")
+    return CheckResult("blackbox_whitebox", "pass", detail)
+
+
+def worst_case(clean: np.ndarray | None, cells: list[dict]) -> CheckResult:
+    threats: dict[str, list[dict]] = {}
+    for c in cells:
+        threats.setdefault(c["threat"], []).append(c)
+    if clean is None or not threats:
+        return CheckResult("worst_case", "skip", "no attack cells")
+    details, ok = [], True
+    for threat, group in threats.items():
+        flags = clean.copy()
+        for c in group:
+            flags &= c["flags"]
+        worst, floor = float(flags.mean()), min(_acc(c) for c in group)
+        ok &= worst <= floor + 1e-12
+        details.append(f"{threat}: worst {worst:.2%} <= min {floor:.2%}")
+    return CheckResult("worst_case", "pass" if ok else "fail", "; ".join(details))
+
+
+def protocol_gap(adaptive: dict[str, dict], paper: dict[str, dict], has_surrogate: bool) -> CheckResult:
+    if not has_surrogate:
+        return CheckResult("protocol_gap", "skip", "no surrogate: the paper protocol is the adaptive one")
+    common = [n for n in adaptive if n in paper]
+    if not common:
+        return CheckResult("protocol_gap", "skip", "run the same attack with --protocol paper and adaptive")
+    worst_gap, notes = None, []
+    for name in common:
+        test = mcnemar(adaptive[name]["flags"], paper[name]["flags"])  # delta = paper - adaptive
+        notes.append(f"{name}: paper {_acc(paper[name]):.1%} vs adaptive {_acc(adaptive[name]):.1%} "
+                     f"(p={test.p_value:.3g})")
+        if test.delta > 0 and test.significant and (worst_gap is None or test.delta > worst_gap):
+            worst_gap = test.delta
+    if worst_gap is not None:
+        return CheckResult("protocol_gap", "warn", "paper protocol overestimated: " + "; ".join(notes),
+                           f"⚠ paper protocol overestimates by {100 * worst_gap:.0f} pt")
+    return CheckResult("protocol_gap", "pass", "; ".join(notes))
+
+
+def from_cells(run: dict, cells: list[dict]) -> list[CheckResult]:
+    """Checks 1, 2, 7-10 from a run's stored cells (both protocols)."""
+    clean = next((c["flags"] for c in cells if c["attack"] == "clean"), None)
+    attack_cells = [c for c in cells if c["attack"] != "clean"]
+    adaptive = {c["attack"]: c for c in attack_cells if c["protocol"] == "adaptive"}
+    paper = {c["attack"]: c for c in attack_cells if c["protocol"] == "paper"}
+    return [state_preserved(attack_cells), budget(attack_cells), budget_monotonicity(adaptive),
+            blackbox_whitebox(adaptive), worst_case(clean, list(adaptive.values())),
+            protocol_gap(adaptive, paper, bool(run.get("has_surrogate")))]

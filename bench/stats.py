@@ -1,0 +1,78 @@
+"""Honest statistics for accuracies measured on a finite test set.
+
+- Wilson score interval for every accuracy (k correct of n).
+- Exact (binomial) McNemar test for a paired difference: two defenses, or two attacks, on the same
+  samples; only the discordant samples carry information.
+- mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (Wilson 1927), as fractions."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def binom_two_sided_half(k: int, n: int) -> float:
+    """Two-sided exact binomial p-value for k successes in n trials with p = 1/2."""
+    if n == 0:
+        return 1.0
+    k = min(k, n - k)
+    # sum_{i<=k} C(n,i) / 2^n, computed in log space so large n stays exact enough
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(logs)
+    tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison of two per-sample correctness vectors (a: the reference, b: the other)."""
+
+    n: int
+    a_only: int  # correct under a, wrong under b
+    b_only: int  # wrong under a, correct under b
+    delta: float  # accuracy(b) - accuracy(a), as a fraction
+    p_value: float  # exact McNemar
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < 0.05
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> Paired:
+    """Exact McNemar test of b against a on the same samples."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired test needs the same samples: {a.shape} vs {b.shape}")
+    a_only = int((a & ~b).sum())
+    b_only = int((~a & b).sum())
+    n = int(a.size)
+    delta = (b_only - a_only) / n if n else float("nan")
+    return Paired(n, a_only, b_only, delta, binom_two_sided_half(a_only, a_only + b_only))
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0:
+        return (float("nan"), float("nan"))
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
