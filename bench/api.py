@@ -221,11 +221,38 @@ class Attack(_Plugin):
         """The threat model this attack reports under; worst cases are taken per threat model."""
         return f"{self.norm} eps={self.eps:.4g}"
 
+    order: ClassVar[int] = 50  # position in `--attacks all` (cheap first)
+    in_all: ClassVar[bool] = True  # part of `--attacks all`
+    randomized_variant: ClassVar[str] = ""  # attack to run instead against a randomized defense
+
+    batch_dependent = False
+    randomized = False
+    seed = 0
+    generator: torch.Generator | None = None
+
     def check(self) -> None:
         """Raise BenchError for parameter combinations the declarations cannot express."""
 
+    def validate(self, spec) -> None:
+        """Raise BenchError if the attack cannot run on this dataset (e.g. more target classes than the
+        data has); called before any work starts. `spec` has num_classes, channels, size."""
+
     def setup(self, ctx: "Context", defended: Defended) -> None:
-        """Called once before the first batch: the run's context (seed, device, data) and the defense."""
+        """Called once per cell before the first batch. `defended` describes the model the attack will
+        differentiate (under the paper protocol: the surrogate, which is never batch-dependent).
+        Subclasses that override this call super().setup(ctx, defended)."""
+        self.batch_dependent = defended.batch_dependent
+        self.randomized = defended.randomized
+        self.seed = ctx.seed
+        self.generator = ctx.generator(f"attack:{self.name}")
+
+    def composed(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+        """The model to give a library that re-batches survivors: for a batch-dependent target every call
+        is rebuilt inside this whole batch (see bench.evaluate.BatchComposition). Pass the library's
+        result through `bench.evaluate.finish(wrapped, x_adv)`."""
+        from bench.evaluate import composed
+
+        return composed(model, x, y, self.batch_dependent, self.norm, self.eps)
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -233,6 +260,60 @@ class Attack(_Plugin):
     def extra(self) -> dict:
         """Attack-specific figures for the stored result (e.g. DeepFool's median perturbation norm)."""
         return {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports (paper tables and figures, one function per defense family, entry-point group bench.reports)
+
+
+@dataclass
+class ReportContext:
+    """What a report plugin sees when `bench leaderboard` writes one (dataset, arch, preset) file.
+
+    A report is a function `report(rc: ReportContext) -> list[str]` returning markdown lines (nothing
+    when its defenses were not run); it may write figures with `rc.figure(name)`.
+    """
+
+    configs: list  # bench.leaderboard.Config: .defense, .params, .seeds, .runs[i].run["info"], .flags(label)
+    dataset: str
+    arch: str
+    preset: str
+    dest: Path
+    stem: str
+    figures: list = field(default_factory=list)  # paths written, for the caller's listing
+
+    def find(self, defense: str, **params) -> list:
+        """Configurations of `defense` whose parameters include `params`, in the order they were first run."""
+        hits = [c for c in self.configs if c.defense == defense
+                and all(c.params.get(k) == v for k, v in params.items())]
+        return hits
+
+    def accuracy(self, cfg, label: str = "clean", protocol: str = "adaptive") -> tuple[str, float]:
+        """(text with interval or mean +- std, mean as a fraction) of clean, an attack, or "worst:THREAT"."""
+        from bench.leaderboard import accuracy_text
+
+        text, mean, _ = accuracy_text(cfg.flags(label, protocol))
+        return text, mean
+
+    def delta(self, cfg, base, label: str = "clean", protocol: str = "adaptive") -> str:
+        """Δ in points against `base` with the exact McNemar p-value on the same samples."""
+        from bench.leaderboard import delta_text
+
+        return delta_text(cfg.flags(label, protocol), base.flags(label, protocol))
+
+    def threats(self) -> list[str]:
+        out = []
+        for c in self.configs:
+            for r in c.runs:
+                for cell in r.cells.values():
+                    if cell["threat"] not in out:
+                        out.append(cell["threat"])
+        return out
+
+    def figure(self, name: str) -> Path:
+        path = self.dest / f"{self.stem}-{name}.png"
+        self.figures.append(path)
+        return path
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def list_cmd(verbose: bool) -> None:
 @click.option("--arch", help="Architecture (default: the preset's).")
 @click.option("--device", help="cpu, cuda or auto. [default: auto]")
 @click.option("--seed", type=str, help="Run seed. [default: 0]")
+@click.option("--seeds", type=str, help="Repeat the whole run for each of these seeds, e.g. 0,1,2.")
 @click.option("--out", help="Results directory (database and cached models). [default: results]")
 @click.option("--config", "config_file", type=str, help="TOML file with any of these settings.")
 @click.option("--precision", help="Training precision: auto, bf16 or fp32 (evaluation is fp32). [default: auto]")
@@ -79,10 +80,31 @@ def run_cmd(**opts) -> None:
     from bench import runner
 
     _setup_logging(opts["quiet"])
-    req = request_from(opts)
-    prep = runner.prepare(req)
-    result = runner.execute(prep, quiet=req.quiet)
-    print_summary(result)
+    seeds = _seeds(opts)
+    results = []
+    for seed in seeds:
+        req = request_from(opts)
+        if seed is not None:
+            req.seed = seed
+        prep = runner.prepare(req)
+        results.append(runner.execute(prep, quiet=req.quiet))
+        print_summary(results[-1], seed if len(seeds) > 1 else None)
+    if len(results) > 1:
+        print_seed_summary(results)
+
+
+def _seeds(opts: dict) -> list[int | None]:
+    if not opts.get("seeds"):
+        return [None]
+    if opts.get("seed") is not None:
+        raise BenchError("give --seed or --seeds, not both")
+    try:
+        seeds = [int(s) for s in opts["seeds"].split(",") if s.strip()]
+    except ValueError:
+        raise BenchError(f"--seeds expects comma-separated integers, got '{opts['seeds']}'") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise BenchError(f"--seeds expects non-negative integers, got '{opts['seeds']}'")
+    return list(dict.fromkeys(seeds))
 
 
 def request_from(opts: dict):
@@ -126,30 +148,124 @@ def request_from(opts: dict):
     return req
 
 
-def print_summary(result: dict) -> None:
+def print_summary(result: dict, seed: int | None = None) -> None:
     from tabulate import tabulate
 
-    rows = [[r["attack"], r["protocol"], r["threat"], f"{100 * r['accuracy']:.2f}", r["n"],
-             "" if r["seconds"] != r["seconds"] else f"{r['seconds']:.1f}"] for r in result["rows"]]
-    click.echo(f"defense {result['defense']}  run {result['run_id'][:10]}")
-    click.echo(tabulate(rows, headers=["attack", "protocol", "threat", "accuracy %", "n", "seconds"]))
+    from bench.stats import wilson
+
+    rows = []
+    for r in result["rows"]:
+        low, high = wilson(round(r["accuracy"] * r["n"]), r["n"])
+        rows.append([r["attack"], r["protocol"], r["threat"], f"{100 * r['accuracy']:.2f}",
+                     f"[{100 * low:.1f}, {100 * high:.1f}]", r["n"],
+                     "" if r["seconds"] != r["seconds"] else f"{r['seconds']:.1f}"])
+    click.echo(f"defense {result['defense']}  run {result['run_id'][:10]}" + (f"  seed {seed}" if seed is not None else ""))
+    click.echo(tabulate(rows, headers=["attack", "protocol", "threat", "accuracy %", "95% CI", "n", "seconds"]))
+    for c in result.get("checks", []):
+        if c["status"] in ("warn", "fail"):
+            click.echo(f"check {c['name']}: {c['status']}: {c['detail']}")
+
+
+def print_seed_summary(results: list[dict]) -> None:
+    from tabulate import tabulate
+
+    from bench.stats import mean_std
+
+    keys = []
+    for res in results:
+        for r in res["rows"]:
+            if (r["attack"], r["protocol"], r["threat"]) not in keys:
+                keys.append((r["attack"], r["protocol"], r["threat"]))
+    rows = []
+    for key in keys:
+        accs = [r["accuracy"] for res in results for r in res["rows"] if (r["attack"], r["protocol"], r["threat"]) == key]
+        mean, std = mean_std(accs)
+        rows.append([*key, f"{100 * mean:.2f} ± {100 * std:.2f}", len(accs)])
+    click.echo(f"\nmean ± std over {len(results)} seeds")
+    click.echo(tabulate(rows, headers=["attack", "protocol", "threat", "accuracy %", "seeds"]))
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
+@cli.command("check")
+@click.option("--defense", help="Defense name (see `bench list`).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Defense parameter.")
+@click.option("--preset", help=f"Scale: {', '.join(config_mod.PRESETS)}. [default: {config_mod.DEFAULT_PRESET}]")
+@click.option("--dataset", help="digits, cifar10 or cifar100 (default: the preset's).")
+@click.option("--data-dir", type=str, help="Directory holding cifar-*-python/.")
+@click.option("--arch", help="Architecture (default: the preset's).")
+@click.option("--device", help="cpu, cuda or auto. [default: auto]")
+@click.option("--seed", type=str, help="Run seed. [default: 0]")
+@click.option("--out", help="Results directory (its model cache is used). [default: results]")
+@click.option("--config", "config_file", type=str, help="TOML file with any of these settings.")
+@click.option("--precision", help="Training precision: auto, bf16 or fp32.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a preset number.")
+@click.option("--base-checkpoint", "base_checkpoints", multiple=True, metavar="[RECIPE=]PATH")
+@click.option("--n", "n", type=int, default=None, help="Test images checked (default: one evaluation batch).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def check_cmd(**opts) -> None:
+    """Checks 3-8 alone (determinism, batch dependence, gradients, large eps, budget monotonicity,
+    black-box vs white-box) on the first test images; exit code 1 if any check fails."""
+    from tabulate import tabulate
+
+    from bench import runner
+
+    _setup_logging(opts["quiet"])
+    opts["attacks"] = ",".join(runner.CHECK_ATTACKS)
+    req = request_from(opts)
+    prep = runner.prepare(req)
+    n = opts["n"] or prep.config.preset.eval_batch_size
+    if n < 1:
+        raise BenchError(f"--n must be >= 1, got {n}")
+    results = runner.check(prep, n, quiet=req.quiet)
+    click.echo(f"checks of {req.defense} on the first {min(n, len(prep.data.test))} test images")
+    click.echo(tabulate([[r.name, r.status, r.detail] for r in results], headers=["check", "status", "detail"],
+                        maxcolwidths=[None, None, 90]))
+    if any(r.status == "fail" for r in results):
+        sys.exit(1)
+
+
+@cli.command("sweep")
+@click.argument("file", type=str)
+@click.option("--out", help="Results directory (default: the file's `out`, else results).")
+@click.option("--dry-run", is_flag=True, help="Validate and list the runs without running them.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def sweep_cmd(file: str, out: str | None, dry_run: bool, quiet: bool) -> None:
+    """Run a grid of (defense, params, seed) cells from a TOML file, resuming finished cells."""
+    from tabulate import tabulate
+
+    from bench import sweep
+
+    _setup_logging(True)
+    results = sweep.run(file, out=out, quiet=quiet, dry_run=dry_run)
+    if dry_run:
+        click.echo(tabulate([[r["label"], r["run_id"][:10], r["command"]] for r in results],
+                            headers=["run", "config", "command"]))
+        return
+    rows = []
+    for r in results:
+        by = {row["attack"]: row for row in r["summary"]["rows"] if row["protocol"] in ("-", "adaptive", "paper")}
+        worst = [row for row in r["summary"]["rows"] if row["attack"] == "worst case"]
+        rows.append([r["label"], r["run_id"][:10], f"{100 * by['clean']['accuracy']:.2f}" if "clean" in by else "",
+                     " ".join(f"{100 * w['accuracy']:.2f}" for w in worst)])
+    click.echo(tabulate(rows, headers=["run", "config", "clean %", "worst case %"]))
+
+
 @cli.command("leaderboard")
 @click.option("--out", default="results", show_default=True, help="Results directory to read.")
-@click.option("--dest", default="leaderboards", show_default=True, help="Where the markdown files go.")
-def leaderboard_cmd(out: str, dest: str) -> None:
-    """Write leaderboards/<dataset>-<arch>-<preset>.md from the results database."""
+@click.option("--dest", default="leaderboards", show_default=True, help="Where the files go.")
+@click.option("--format", "fmt", default="md", show_default=True,
+              help="md (tables and figures), csv (main table), json (RobustBench model_info fields).")
+def leaderboard_cmd(out: str, dest: str, fmt: str) -> None:
+    """Write leaderboards/<dataset>-<arch>-<preset>.{md,csv,json} from the results database."""
     from bench import leaderboard
     from bench.runner import code_version
     from bench.store import Store
 
     store = Store(out, create=False)
     try:
-        paths = leaderboard.write(store, dest, out, code_version())
+        paths = leaderboard.write(store, dest, out, code_version(), fmt)
     finally:
         store.close()
     for p in paths:

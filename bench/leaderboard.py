@@ -1,15 +1,23 @@
-"""Markdown leaderboards from the results database: one file per dataset x architecture x preset."""
+"""Markdown leaderboards from the results database: one file per dataset x architecture x preset.
+
+Rows are configurations (defense + parameters); several seeds of one configuration are one row (mean +-
+std). Every accuracy carries its n and a 95% Wilson interval, every delta against the `pgd_at` base a
+paired exact McNemar p-value on the same samples (pooled over the seeds both have), rows whose intervals
+overlap rank as ties, and failed or warning sanity checks show as flags linked to their details.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bench.stats import intervals_overlap, mcnemar, mean_std, wilson
 from bench.store import Store
 
 BASE_DEFENSE = "pgd_at"
@@ -17,112 +25,346 @@ CLEAN = "clean"
 
 
 @dataclass
-class RunView:
-    """One run with its cells, in the adaptive protocol (the leaderboard's main numbers)."""
-
+class Run:
     run: dict
     clean: np.ndarray | None
-    attacks: dict[str, dict]  # label -> cell (adaptive protocol)
+    cells: dict[tuple[str, str], dict]  # (label, protocol) -> cell
+    checks: list[dict]
+
+
+@dataclass
+class Config:
+    """One defense with one parameter set, over one or more seeds."""
+
+    defense: str
+    params: dict
+    runs: list[Run] = field(default_factory=list)
 
     @property
-    def label(self) -> str:
-        params = self.run["params"]
-        return self.run["defense"] if not params else self.run["defense"]
+    def key(self) -> str:
+        return self.runs[0].run["run_id"][:10]
 
-    def worst(self, threat: str) -> np.ndarray | None:
-        cells = [c for c in self.attacks.values() if c["threat"] == threat]
-        if not cells or self.clean is None:
-            return None
-        flags = self.clean.copy()
-        for c in cells:
-            flags &= c["flags"]
-        return flags
+    @property
+    def seeds(self) -> list[int]:
+        return [r.run["seed"] for r in self.runs]
+
+    def flags(self, label: str, protocol: str = "adaptive") -> dict[int, np.ndarray]:
+        """Per seed: per-sample correctness (clean, one attack, or a worst case)."""
+        out = {}
+        for r in self.runs:
+            f = self._flags(r, label, protocol)
+            if f is not None:
+                out[r.run["seed"]] = f
+        return out
+
+    @staticmethod
+    def _flags(r: Run, label: str, protocol: str):
+        if label == CLEAN:
+            return r.clean
+        if label.startswith("worst:"):
+            threat = label[len("worst:"):]
+            cells = [c for (lab, p), c in r.cells.items() if p == protocol and c["threat"] == threat]
+            if not cells or r.clean is None:
+                return None
+            flags = r.clean.copy()
+            for c in cells:
+                flags &= c["flags"]
+            return flags
+        cell = r.cells.get((label, protocol))
+        return cell["flags"] if cell is not None else None
 
 
-def _views(store: Store, protocol: str = "adaptive") -> list[RunView]:
-    views = []
+def load(store: Store) -> list[Config]:
+    configs: dict[str, Config] = {}
     for run in store.runs():
         cells = store.cells(run["run_id"])
         clean = next((c["flags"] for c in cells if c["attack"] == CLEAN), None)
-        attacks = {c["attack"]: c for c in cells if c["attack"] != CLEAN and c["protocol"] == protocol}
-        views.append(RunView(run, clean, attacks))
-    return views
+        by = {(c["attack"], c["protocol"]): c for c in cells if c["attack"] != CLEAN}
+        ident = dict(run["config"])
+        ident.pop("seed", None)
+        key = json.dumps(ident, sort_keys=True)
+        cfg = configs.setdefault(key, Config(run["defense"], run["params"]))
+        cfg.runs.append(Run(run, clean, by, store.checks(run["run_id"])))
+    for cfg in configs.values():
+        cfg.runs.sort(key=lambda r: r.run["seed"])
+    return list(configs.values())
 
 
-def _pct(flags: np.ndarray | None) -> float:
-    return float("nan") if flags is None or flags.size == 0 else 100.0 * float(flags.mean())
+# ----------------------------------------------------------------------------------------------------
+# formatting
 
 
-def _fmt(value: float) -> str:
-    return "—" if value != value else f"{value:.2f}"
+def accuracy_text(per_seed: dict[int, np.ndarray]) -> tuple[str, float, tuple[float, float]]:
+    """'53.2 [50.1, 56.3]' for one seed, '53.2 ± 0.8' for several; with the mean and the Wilson interval
+    of the pooled samples (used for ranking)."""
+    if not per_seed:
+        return "—", float("nan"), (float("nan"), float("nan"))
+    accs = [float(f.mean()) for f in per_seed.values()]
+    pooled = np.concatenate(list(per_seed.values()))
+    low, high = wilson(int(pooled.sum()), int(pooled.size))
+    mean, std = mean_std(accs)
+    if len(accs) == 1:
+        return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]", mean, (low, high)
+    return f"{100 * mean:.1f} ± {100 * std:.1f}", mean, (low, high)
 
 
-def _delta(value: float, base: float) -> str:
-    if value != value or base != base:
+def delta_text(mine: dict[int, np.ndarray], base: dict[int, np.ndarray]) -> str:
+    """Δ in points with the exact McNemar p-value on the paired samples of the seeds both have."""
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
         return "—"
-    return f"{value - base:+.2f}"
+    a = np.concatenate([base[s] for s in seeds])
+    b = np.concatenate([mine[s] for s in seeds])
+    if a.shape != b.shape:
+        return "— (other samples)"
+    test = mcnemar(a, b)
+    if test.a_only == test.b_only == 0:
+        return f"{100 * test.delta:+.1f} (identical)"
+    mark = f"p={test.p_value:.2g}" if test.significant else f"ns, p={test.p_value:.2f}"
+    return f"{100 * test.delta:+.1f} ({mark})"
 
 
-def params_text(params: dict, defaults: dict | None = None) -> str:
-    shown = {k: v for k, v in params.items() if defaults is None or defaults.get(k) != v}
-    return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or "defaults"
+def params_text(params: dict) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items())) or "—"
 
 
-def group_table(views: list[RunView]) -> pd.DataFrame:
-    labels = []
-    for v in views:
-        for label in v.attacks:
-            if label not in labels:
-                labels.append(label)
-    threats = []
-    for v in views:
-        for c in v.attacks.values():
-            if c["threat"] not in threats:
-                threats.append(c["threat"])
-    bases = {v.run["seed"]: v for v in views if v.run["defense"] == BASE_DEFENSE}
+def distinguishing(cfg: Config, configs: list[Config]) -> str:
+    """The parameters in which `cfg` differs from the other configurations of its defense ('—' if none)."""
+    siblings = [c for c in configs if c.defense == cfg.defense]
+    keys = sorted({k for c in siblings for k in c.params if any(o.params.get(k) != c.params.get(k) for o in siblings)})
+    return ", ".join(f"{k}={_short(cfg.params.get(k))}" for k in keys) or "—"
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "(" + ",".join(_short(x) for x in v) + ")" if len(v) <= 4 else f"({len(v)} values)"
+    return str(v)
+
+
+def anchor(cfg: Config) -> str:
+    return f"checks-{cfg.defense}-{cfg.key}".lower().replace("_", "-")
+
+
+def flags_text(cfg: Config) -> str:
+    seen = []
+    for r in cfg.runs:
+        for c in r.checks:
+            if c["status"] in ("warn", "fail") and c.get("flag") and c["flag"] not in seen:
+                seen.append(c["flag"])
+    return " ".join(f"[{f}](#{anchor(cfg)})" for f in seen)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the main table
+
+
+def base_config(configs: list[Config]) -> Config | None:
+    """The pgd_at row the deltas refer to (its default parameters: the first one run)."""
+    cands = [c for c in configs if c.defense == BASE_DEFENSE]
+    return cands[0] if cands else None
+
+
+def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str]]:
+    labels, paper, threats = [], [], []
+    for cfg in configs:
+        for r in cfg.runs:
+            for (label, protocol), c in r.cells.items():
+                target = labels if protocol == "adaptive" else paper
+                if label not in target:
+                    target.append(label)
+                if c["threat"] not in threats:
+                    threats.append(c["threat"])
+    return labels, paper, threats
+
+
+def main_table(configs: list[Config]) -> pd.DataFrame:
+    labels, paper_labels, threats = attack_labels(configs)
+    base = base_config(configs)
     rows = []
-    for v in views:
-        row = {"Defense": v.run["defense"], "Params": params_text(v.run["params"]), "Seed": v.run["seed"]}
-        clean = _pct(v.clean)
-        row["Clean"] = _fmt(clean)
+    for cfg in configs:
+        row = {"Defense": cfg.defense, "Params": distinguishing(cfg, configs)}
+        text, _, _ = accuracy_text(cfg.flags(CLEAN))
+        row["Clean"] = text
         for label in labels:
-            cell = v.attacks.get(label)
-            row[label] = _fmt(100 * cell["correct"] / cell["n"]) if cell else "—"
-        base = bases.get(v.run["seed"])
+            row[label] = accuracy_text(cfg.flags(label))[0]
+            if label in paper_labels:
+                row[f"{label} (paper)"] = accuracy_text(cfg.flags(label, "paper"))[0]
+        sort_key = None
         for threat in threats:
-            worst = _pct(v.worst(threat))
-            row[f"Worst ({threat})"] = _fmt(worst)
-            row[f"Δ worst vs {BASE_DEFENSE}"] = _delta(worst, _pct(base.worst(threat)) if base else float("nan"))
-        row[f"Δ clean vs {BASE_DEFENSE}"] = _delta(clean, _pct(base.clean) if base else float("nan"))
-        row["n"] = int(v.clean.size) if v.clean is not None else 0
-        row["Config"] = v.run["run_id"][:10]
-        row["Command"] = f"`{v.run['command']}`" if v.run["command"] else "—"
+            text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
+            row[f"Worst ({threat})"] = text
+            if sort_key is None:
+                sort_key = (mean, interval)
+            if paper_labels:
+                row[f"Worst ({threat}, paper)"] = accuracy_text(cfg.flags(f"worst:{threat}", "paper"))[0]
+            if base is not None:
+                row[f"Δ worst ({threat})"] = delta_text(cfg.flags(f"worst:{threat}"), base.flags(f"worst:{threat}"))
+        if base is not None:
+            row["Δ clean"] = delta_text(cfg.flags(CLEAN), base.flags(CLEAN))
+        row["Flags"] = flags_text(cfg)
+        clean = cfg.flags(CLEAN)
+        row["n"] = str(next(iter(clean.values())).size) if clean else "0"
+        row["Seeds"] = ",".join(map(str, cfg.seeds))
+        row["Config"] = cfg.key
+        row["Command"] = f"`{cfg.runs[0].run['command']}`" if cfg.runs[0].run["command"] else "—"
+        row["_sort"] = sort_key if sort_key else (float("-inf"), (float("nan"), float("nan")))
         rows.append(row)
+    rows.sort(key=lambda r: -r["_sort"][0] if r["_sort"][0] == r["_sort"][0] else float("inf"))
+    rank_rows(rows)
+    for r in rows:
+        r.pop("_sort")
     frame = pd.DataFrame(rows)
-    if threats and len(frame):
-        key = f"Worst ({threats[0]})"
-        frame["_sort"] = pd.to_numeric(frame[key].replace("—", np.nan), errors="coerce")
-        frame = frame.sort_values("_sort", ascending=False, kind="stable").drop(columns="_sort")
-    return frame
+    return frame[["Rank"] + [c for c in frame.columns if c != "Rank"]] if len(frame) else frame
 
 
-def write(store: Store, dest: str | Path, source: str, version: str) -> list[Path]:
-    """Write one markdown file per (dataset, arch, preset) present in the store."""
+def rank_rows(rows: list[dict]) -> None:
+    """1, 2, ... by worst-case accuracy; a row whose interval overlaps its group leader's ties with it."""
+    leader = None
+    for i, row in enumerate(rows, start=1):
+        mean, interval = row["_sort"]
+        if mean != mean:
+            row["Rank"] = "—"
+            continue
+        if leader is not None and intervals_overlap(interval, leader[1]):
+            row["Rank"] = f"={leader[0]}"
+            rows[leader[2]]["Rank"] = f"={leader[0]}"
+        else:
+            leader = (i, interval, i - 1)
+            row["Rank"] = str(i)
+
+
+def checks_section(configs: list[Config]) -> list[str]:
+    lines = ["## Sanity checks", "",
+             "Checks of METHODS.md's evaluation protocol, run with every `bench run`; rows with a warning or "
+             "failure are flagged in the table above.", ""]
+    for cfg in configs:
+        rows = []
+        for r in cfg.runs:
+            for c in r.checks:
+                rows.append([f"seed {r.run['seed']}" if len(cfg.runs) > 1 else "", c["name"], c["status"],
+                             c["detail"].replace("|", "/")])
+        if not rows:
+            continue
+        lines += [f'<a id="{anchor(cfg)}"></a>', f"### {cfg.defense} ({distinguishing(cfg, configs)}, config {cfg.key})", ""]
+        frame = pd.DataFrame(rows, columns=["Seed", "Check", "Status", "Detail"])
+        if len(cfg.runs) == 1:
+            frame = frame.drop(columns="Seed")
+        lines += [frame.to_markdown(index=False), ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# robust accuracy vs eps (any attack run at three or more budgets)
+
+
+def eps_figure(rc) -> list[str]:
+    from bench import figures
+
+    curves: dict[str, dict[str, tuple]] = {}
+    for cfg in rc.configs:
+        points: dict[str, dict[float, float]] = defaultdict(dict)
+        for r in cfg.runs[:1]:
+            for (label, protocol), cell in r.cells.items():
+                if protocol == "adaptive":
+                    points[cell["name"]][cell["eps"]] = 100 * cell["correct"] / cell["n"]
+        for name, by_eps in points.items():
+            if len(by_eps) >= 3:
+                xs = sorted(by_eps)
+                params = distinguishing(cfg, rc.configs)
+                label = cfg.defense + (f" ({params})" if params != "—" else "")
+                curves.setdefault(name, {})[label] = ([255 * x for x in xs], [by_eps[x] for x in xs])
+    lines = []
+    for name, series in curves.items():
+        path = figures.lines(rc.figure(f"eps-{name}"), [{"series": series, "xlabel": "eps (x/255)",
+                                                          "ylabel": "accuracy %", "title": f"{name}: accuracy vs budget"}])
+        lines += [f"## Robust accuracy vs ε ({name})", ""] + figures.embed(path, f"{name} accuracy vs eps")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# machine-readable forms
+
+
+def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
+    def pct(label, protocol="adaptive"):
+        per_seed = cfg.flags(label, protocol)
+        return round(100 * float(np.mean([f.mean() for f in per_seed.values()])), 4) if per_seed else None
+
+    run = cfg.runs[0].run
+    eps = next((c["eps"] for r in cfg.runs for c in r.cells.values() if c["norm"] == "Linf"), None)
+    aa = next((lab for lab in labels if lab == "autoattack" or lab == "autoattack_rand"), None)
+    return {
+        "name": cfg.defense, "params": cfg.params, "dataset": run["dataset"], "architecture": run["arch"],
+        "preset": run["preset"], "threat_model": "Linf", "eps": eps, "clean_acc": pct(CLEAN),
+        "autoattack_acc": pct(aa) if aa else None, "additional_data": False,
+        "number_forward_passes": 1, "seeds": cfg.seeds,
+        "n": int(next(iter(cfg.flags(CLEAN).values())).size) if cfg.flags(CLEAN) else 0,
+        "attacks": {lab: pct(lab) for lab in labels if cfg.flags(lab)},
+        "worst_case": {t: pct(f"worst:{t}") for t in threats},
+        "config": cfg.key, "command": run["command"], "code_version": run["code_version"],
+    }
+
+
+def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
+    """Write one file per (dataset, arch, preset) present in the store, with its figures."""
+    from bench import registry
+    from bench.api import ReportContext
+    from bench.errors import BenchError
+
+    if fmt not in ("md", "csv", "json"):
+        raise BenchError(f"format must be md, csv or json, got '{fmt}'")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    groups: dict[tuple, list[RunView]] = defaultdict(list)
-    for v in _views(store):
-        groups[(v.run["dataset"], v.run["arch"], v.run["preset"])].append(v)
+    groups: dict[tuple, list[Config]] = defaultdict(list)
+    for cfg in load(store):
+        run = cfg.runs[0].run
+        groups[(run["dataset"], run["arch"], run["preset"])].append(cfg)
     written = []
-    for (dataset, arch, preset), views in sorted(groups.items()):
-        frame = group_table(views)
-        path = dest / f"{dataset}-{arch}-{preset}.md"
+    for (dataset, arch, preset), configs in sorted(groups.items()):
+        stem = f"{dataset}-{arch}-{preset}"
+        labels, _, threats = attack_labels(configs)
+        if fmt == "csv":
+            path = dest / f"{stem}.csv"
+            pd.DataFrame([{**{k: v for k, v in numbers(c, threats, labels).items() if not isinstance(v, (dict, list))},
+                           **{f"acc_{k}": v for k, v in numbers(c, threats, labels)["attacks"].items()},
+                           **{f"worst_{k}": v for k, v in numbers(c, threats, labels)["worst_case"].items()},
+                           "params": params_text(c.params)} for c in configs]).to_csv(path, index=False)
+            written.append(path)
+            continue
+        if fmt == "json":
+            path = dest / f"{stem}.json"
+            path.write_text(json.dumps([numbers(c, threats, labels) for c in configs], indent=1))
+            written.append(path)
+            continue
+        path = dest / f"{stem}.md"
+        run0 = configs[0].runs[0].run
         today = dt.date.today().isoformat()
+        n = main_table(configs)
         text = [f"# {dataset} / {arch} / preset `{preset}`", "",
-                f"Generated by `bench leaderboard --out {source}` on {today} from code {version}. "
-                "Accuracies in %, adaptive protocol; worst case = correct under every attack of the threat "
-                f"model (and clean); Δ in points against `{BASE_DEFENSE}` with the same seed.", "",
-                frame.to_markdown(index=False, disable_numparse=True), ""]
+                f"- Regenerate: `bench leaderboard --out {source} --dest {dest}` (the command of every row is in "
+                f"its Command column).",
+                f"- Preset `{preset}`, data {dataset} (fingerprint {run0['config'].get('data', '?')}, "
+                f"{n['n'].iloc[0] if len(n) else 0} test images), code {version}, generated {today}.", "",
+                "Accuracies in %, with a 95% Wilson interval for one seed or mean ± std over seeds. "
+                "Adaptive protocol (attacks differentiate the defense's whole inference procedure); columns "
+                "marked (paper) attack the defense's surrogate instead and are scored on the defense, as "
+                "non-adaptive papers did. Worst case = correct under every attack of the threat model (and "
+                f"clean). Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
+                "(ns: inside the noise, p ≥ 0.05). Rank ties (=k): overlapping intervals.", "",
+                n.to_markdown(index=False, disable_numparse=True), ""]
+        rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=dest, stem=stem)
+        text += eps_figure(rc)
+        for name in registry.names("report"):
+            try:
+                text += registry.load("report", name)(rc) or []
+            except BenchError:
+                raise
+            except Exception as exc:
+                raise BenchError(f"report '{name}' failed on {stem}: {type(exc).__name__}: {exc}") from exc
+        text += checks_section(configs)
         path.write_text("\n".join(text))
         written.append(path)
+        written += rc.figures
     return written

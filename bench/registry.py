@@ -8,7 +8,7 @@ from importlib.metadata import EntryPoint, entry_points
 from bench.api import Attack, Defense
 from bench.errors import BenchError, unknown
 
-GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks"}
+GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports"}
 BASES = {"defense": Defense, "attack": Attack}
 
 
@@ -55,6 +55,10 @@ def load(kind: str, name: str) -> type:
             obj = getattr(obj, part)
     except Exception as exc:  # a broken third-party plugin must not look like our crash
         raise BenchError(f"could not load {kind} '{name}' from {prov}: {type(exc).__name__}: {exc}") from exc
+    if kind == "report":
+        if not callable(obj):
+            raise BenchError(f"report '{name}' ({prov}) is not callable")
+        return obj
     if not (isinstance(obj, type) and issubclass(obj, BASES[kind])):
         raise BenchError(f"{kind} '{name}' ({prov}) is not a subclass of bench.api.{BASES[kind].__name__}")
     obj.name = name

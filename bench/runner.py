@@ -7,6 +7,7 @@ database is opened, so a mistake never touches stored results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import checkpoints, config as config_mod, data as data_mod, registry
+from bench import checkpoints, checks, config as config_mod, data as data_mod, registry
 from bench.api import Attack, Context, Defended, Defense, resolve_params
 from bench.config import AttackSpec, RunConfig, stable_hash
 from bench.errors import BenchError
@@ -90,19 +91,46 @@ def parse_attack_params(items) -> dict[str, dict[str, str]]:
     return out
 
 
+def split_attacks(attacks: Any) -> list[str]:
+    """'pgd10,pgd10[eps=4/255;steps=20],fgsm' -> items (commas inside brackets belong to the item)."""
+    if not isinstance(attacks, str):
+        return [str(a).strip() for a in attacks if str(a).strip()]
+    items, depth, current = [], 0, ""
+    for ch in attacks:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    items.append(current.strip())
+    return [i for i in items if i]
+
+
+def parse_attack(item: str) -> tuple[str, dict[str, str]]:
+    """'pgd10[eps=4/255;steps=20]' -> ('pgd10', {'eps': '4/255', 'steps': '20'})."""
+    name, bracket, rest = item.partition("[")
+    if not bracket:
+        return item.strip(), {}
+    if not rest.endswith("]"):
+        raise BenchError(f"malformed attack '{item}': expected name[key=value;...]")
+    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"attack '{item}'")
+
+
 def attack_names(attacks: Any) -> list[str]:
-    names = attacks.split(",") if isinstance(attacks, str) else list(attacks)
-    names = [n.strip() for n in names if n and n.strip()]
-    if not names:
+    return list(dict.fromkeys(parse_attack(i)[0] for i in attack_items(attacks)))
+
+
+def attack_items(attacks: Any) -> list[str]:
+    items = split_attacks(attacks)
+    if not items:
         raise BenchError("no attacks given (use --attacks pgd10,fgsm or --attacks all)")
-    if names == ["all"]:
+    if items == ["all"]:
         classes = {n: registry.load("attack", n) for n in registry.names("attack")}
-        return sorted(classes, key=lambda n: (getattr(classes[n], "order", 50), n))
-    seen = []
-    for n in names:
-        if n not in seen:
-            seen.append(n)
-    return seen
+        chosen = [n for n, cls in classes.items() if getattr(cls, "in_all", True)]
+        return sorted(chosen, key=lambda n: (getattr(classes[n], "order", 50), n))
+    return list(dict.fromkeys(items))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -145,13 +173,20 @@ def code_version() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=4)
+def _load_data(dataset: str, data_dir: str | None, n_train, n_val, n_test) -> data_mod.Dataset:
+    # a sweep prepares dozens of runs on the same data: read it once (tensors are never modified)
+    return data_mod.load(dataset, data_dir, n_train=n_train, n_val=n_val, n_test=n_test)
+
+
 def prepare(req: Request) -> Prepared:
     if not req.defense:
         raise BenchError("no defense given (use --defense NAME; `bench list` shows them)")
     if req.protocol not in ("adaptive", "paper"):
         raise BenchError(f"protocol must be adaptive or paper, got '{req.protocol}'")
     defense_cls = registry.load("defense", req.defense)
-    names = attack_names(req.attacks)
+    items = [parse_attack(i) for i in attack_items(req.attacks)]
+    names = list(dict.fromkeys(n for n, _ in items))
     attack_classes = {n: registry.load("attack", n) for n in names}
     for name in req.attack_params:
         if name not in attack_classes:
@@ -179,17 +214,23 @@ def prepare(req: Request) -> Prepared:
 
     params = resolve_params(f"defense '{req.defense}'", defense_cls.PARAMS, req.params, preset)
     defense = defense_cls(**params)
-    attacks = []
-    for name in names:
+    attacks, labels = [], set()
+    for name, inline in items:
         cls = attack_classes[name]
-        given = req.attack_params.get(name, {})
+        given = {**req.attack_params.get(name, {}), **inline}
         full = resolve_params(f"attack '{name}'", cls.PARAMS, given, preset)
         user = {k: full[k] for k in given}
-        attacks.append((AttackSpec(name, tuple(sorted(user.items()))), cls(**full)))
+        attack = cls(**full)
+        attack.validate(data_mod.DATASETS[dataset])
+        spec = AttackSpec(name, tuple(sorted(user.items())))
+        if spec.label in labels:  # e.g. pgd10 and pgd10[eps=8/255] at the default budget
+            continue
+        labels.add(spec.label)
+        attacks.append((spec, attack))
 
     out = check_writable(req.out)
-    data = data_mod.load(dataset, req.data_dir, n_train=preset.n_train, n_val=preset.n_val,
-                         n_test=preset.n_test)
+    data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
+                      preset.n_test)
     bases = []
     for recipe, path in sorted(req.base_checkpoints.items()):
         if recipe not in checkpoints.RECIPES:
@@ -216,6 +257,23 @@ def _seed_all(*parts) -> None:
     torch.manual_seed(int(stable_hash(list(parts))[:8], 16))
 
 
+def substitute(attacks: list[tuple[AttackSpec, Attack]], randomized: bool | None, preset) -> list[tuple[AttackSpec, Attack]]:
+    """Against a randomized defense, each attack that declares a `randomized_variant` (AutoAttack ->
+    its EOT version) is replaced by it, with the user's parameters that the variant also has."""
+    if not randomized:
+        return attacks
+    out = []
+    for spec, attack in attacks:
+        variant = getattr(attack, "randomized_variant", "")
+        if variant:
+            cls = registry.load("attack", variant)
+            given = {k: v for k, v in spec.params if k in cls.PARAMS}
+            full = resolve_params(f"attack '{variant}'", cls.PARAMS, given, preset)
+            spec, attack = AttackSpec(variant, tuple(sorted(given.items()))), cls(**full)
+        out.append((spec, attack))
+    return out
+
+
 def _protocol_for(cfg: RunConfig, has_surrogate: bool | None) -> str:
     # Without a surrogate the paper protocol is the adaptive one: store it once, under 'adaptive'.
     return "paper" if (cfg.protocol == "paper" and has_surrogate) else "adaptive"
@@ -230,34 +288,59 @@ def execute(prep: Prepared, *, quiet: bool = False) -> dict:
         finished = store.finished(run_id)
         known = {r["run_id"]: r for r in store.runs() if r["run_id"] == run_id}
         has_surrogate = bool(known[run_id]["has_surrogate"]) if run_id in known else None
+        randomized = bool(known[run_id]["randomized"]) if run_id in known else None
         protocol = _protocol_for(cfg, has_surrogate)
-        wanted = [(CLEAN, NO_PROTOCOL)] + [(spec.label, protocol) for spec, _ in prep.attacks]
+        attacks = substitute(prep.attacks, randomized, cfg.preset)
+        wanted = [(CLEAN, NO_PROTOCOL)] + [(spec.label, protocol) for spec, _ in attacks]
         todo = [cell for cell in wanted if cell not in finished]
         done_before = len(wanted) - len(todo)
         if done_before:
             log.info("run %s: %d of %d cells already finished, skipped", run_id[:10], done_before, len(wanted))
         if todo:
             _evaluate(prep, store, run_id, finished, quiet)
-        return summary(store, run_id, [spec.label for spec, _ in prep.attacks], cfg)
+        run = next((r for r in store.runs() if r["run_id"] == run_id), None)
+        if cfg.checks and run is not None:
+            store.put_checks(run_id, [c.row() for c in checks.from_cells(run, store.cells(run_id))])
+        attacks = substitute(prep.attacks, bool(run["randomized"]) if run else None, cfg.preset)
+        return summary(store, run_id, [spec.label for spec, _ in attacks], cfg)
     finally:
         store.close()
 
 
-def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool) -> None:
+def _context(prep: Prepared, quiet: bool) -> Context:
     cfg = prep.config
-    cache = Path(cfg.out) / "cache"
-    ctx = Context(data=prep.data, arch=cfg.arch, device=prep.device, seed=cfg.seed, preset=cfg.preset,
-                  cache_dir=cache, precision=cfg.precision, quiet=quiet,
-                  base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log,
-                  scope={k: v for k, v in cfg.identity().items() if k not in ("defense", "params")})
-    _seed_all(cfg.seed, "defense", cfg.defense)
+    return Context(data=prep.data, arch=cfg.arch, device=prep.device, seed=cfg.seed, preset=cfg.preset,
+                   cache_dir=Path(cfg.out) / "cache", precision=cfg.precision, quiet=quiet,
+                   base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log,
+                   scope={k: v for k, v in cfg.identity().items() if k not in ("defense", "params")})
+
+
+def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:
     import time
 
+    cfg = prep.config
+    _seed_all(cfg.seed, "defense", cfg.defense)
     start = time.perf_counter()
     defended = prep.defense.build(ctx)
-    build_seconds = time.perf_counter() - start
     if not isinstance(defended, Defended) or not isinstance(defended.model, torch.nn.Module):
         raise BenchError(f"defense '{cfg.defense}' returned {type(defended).__name__}, not bench.api.Defended")
+    return defended, time.perf_counter() - start
+
+
+def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool) -> None:
+    cfg = prep.config
+    ctx = _context(prep, quiet)
+    defended, build_seconds = _build(prep, ctx)
+    probes = []
+    if cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
+        x0, y0 = next(prep.data.test.batches(cfg.preset.eval_batch_size))
+        probes = checks.probe(defended, x0.to(prep.device), y0.to(prep.device), cfg.preset.eps,
+                              ctx.generator("checks:large-eps"))
+        if probes[0].flag == "⚠ undeclared randomness":
+            defended.randomized = True
+        for c in probes:
+            if c.status in ("warn", "fail"):
+                log.warning("check %s: %s: %s", c.name, c.status, c.detail)
     store.put_run({
         "run_id": run_id, "defense": cfg.defense, "params": dict(cfg.params), "preset": cfg.preset.name,
         "dataset": cfg.dataset, "arch": cfg.arch, "seed": cfg.seed, "precision": cfg.precision,
@@ -266,19 +349,24 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         "has_surrogate": int(defended.surrogate is not None), "info": defended.info,
         "build_seconds": build_seconds,
     })
+    if probes:
+        store.put_checks(run_id, [c.row() for c in probes])
     protocol = _protocol_for(cfg, defended.surrogate is not None)
     test = prep.data.test
     batch = cfg.preset.eval_batch_size
     if (CLEAN, NO_PROTOCOL) not in finished:
         res = clean_cell(defended, test, batch, prep.device, progress=ctx.progress)
         store.put_cell(run_id, attack=CLEAN, protocol=NO_PROTOCOL, name=CLEAN, params={}, norm="-", eps=0.0,
-                       threat="-", flags=res.flags, seconds=res.seconds, extra={})
+                       threat="-", flags=res.flags, seconds=res.seconds, extra=res.extra)
         log.info("clean: %.2f%% of %d (%.1fs)", 100 * res.accuracy, len(res.flags), res.seconds)
-    for spec, attack in prep.attacks:
+    # Under the paper protocol the attack differentiates the surrogate, which is never batch-dependent.
+    target = defended if protocol == "adaptive" else Defended(
+        model=defended.surrogate, batch_dependent=False, randomized=defended.randomized, info=defended.info)
+    for spec, attack in substitute(prep.attacks, defended.randomized, cfg.preset):
         if (spec.label, protocol) in finished:
             continue
         _seed_all(cfg.seed, "attack", spec.label)
-        attack.setup(ctx, defended)
+        attack.setup(ctx, target)
         res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
                                       protocol=protocol, progress=ctx.progress, desc=spec.label)
         store.put_cell(run_id, attack=spec.label, protocol=protocol, name=spec.name, params=dict(attack.params),
@@ -286,6 +374,33 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
                        seconds=res.seconds, extra=res.extra)
         log.info("%s (%s): %.2f%% of %d (%.1fs)", spec.label, protocol, 100 * res.accuracy, len(res.flags),
                  res.seconds)
+
+
+CHECK_ATTACKS = ("fgsm", "pgd10", "pgd50", "square")
+
+
+def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResult]:
+    """`bench check`: checks 3-8 on the first `n` test images, storing nothing but the cached models."""
+    cfg = prep.config
+    ctx = _context(prep, quiet)
+    defended, _ = _build(prep, ctx)
+    subset = prep.data.test.subset(slice(0, n))
+    x0, y0 = subset.x.to(prep.device), subset.y.to(prep.device)
+    results = checks.probe(defended, x0, y0, cfg.preset.eps, ctx.generator("checks:large-eps"))
+    if results[0].flag == "⚠ undeclared randomness":
+        defended.randomized = True
+    cells = {}
+    for name in CHECK_ATTACKS:
+        cls = registry.load("attack", name)
+        attack = cls(**resolve_params(f"attack '{name}'", cls.PARAMS, {}, cfg.preset))
+        _seed_all(cfg.seed, "attack", name)
+        attack.setup(ctx, defended)
+        res = attack_cell(attack, defended, subset, batch_size=cfg.preset.eval_batch_size, device=prep.device,
+                          progress=ctx.progress, desc=f"check {name}")
+        cells[name] = {"attack": name, "threat": attack.threat, "n": len(res.flags),
+                       "correct": int(res.flags.sum()), "flags": res.flags}
+    results += [checks.budget_monotonicity(cells), checks.blackbox_whitebox(cells)]
+    return results
 
 
 def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dict:
@@ -308,4 +423,4 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
     for (threat, protocol), flags in worst.items():
         rows.append({"attack": "worst case", "protocol": protocol, "threat": threat, "n": int(flags.size),
                      "accuracy": float(flags.mean()), "seconds": float("nan")})
-    return {"run_id": run_id, "defense": cfg.defense, "rows": rows}
+    return {"run_id": run_id, "defense": cfg.defense, "rows": rows, "checks": store.checks(run_id)}

@@ -10,7 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import dataclasses
+
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -119,3 +122,29 @@ def make_distribution(src: Path, dest: Path) -> Path:
         lines.append("")
     (info / "entry_points.txt").write_text("\n".join(lines))
     return dest
+
+
+class ForbiddenSplit:
+    """Stands in for the test split: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read (.{name}) before the final evaluation")
+
+    def __len__(self):
+        raise AssertionError("the test split was read (len) before the final evaluation")
+
+
+def make_ctx(cache_root: Path, *, arch: str = "tiny_cnn", sets: dict | None = None, guard_test: bool = False,
+             base_checkpoints: dict | None = None):
+    """A smoke-preset Context on digits (fp32) whose caches live under `cache_root/cache`."""
+    from bench import config, data
+    from bench.api import Context
+
+    preset = config.concrete(config.override_preset(config.get_preset("smoke"), sets or {}),
+                             data.DATASETS["digits"])
+    ds = data.load("digits", n_train=preset.n_train, n_val=preset.n_val, n_test=preset.n_test)
+    if guard_test:
+        ds = dataclasses.replace(ds, test=ForbiddenSplit())
+    return Context(data=ds, arch=arch, device=torch.device("cpu"), seed=0, preset=preset,
+                   cache_dir=cache_root / "cache", precision="fp32", quiet=True,
+                   base_checkpoints=base_checkpoints)

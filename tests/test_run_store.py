@@ -139,24 +139,34 @@ def test_leaderboard_has_rows_deltas_hash_and_command(bench, out_dir, tmp_path):
     path = tmp_path / "lb" / "digits-tiny_cnn-smoke.md"
     assert res.out.strip() == str(path)
     text = path.read_text()
-    cells, runs = _cells(out_dir)
-    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
-            if ln.startswith("| pgd_at") or ln.startswith("| standard")}
-    assert set(rows) == {"pgd_at", "standard"}
-    header = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| Defense")).split("|")[1:-1]]
+    _, runs = _cells(out_dir)
+    main = text.split("| Rank", 1)[1].split("\n\n", 1)[0]  # the main table, not the checks tables below
+    lines = [ln for ln in ("| Rank" + main).splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
     col = {name: i for i, name in enumerate(header)}
-    assert {"Clean", "pgd10", "fgsm", "Worst (Linf eps=0.1)", "n", "Config", "Command"} <= set(col)
+    assert {"Rank", "Clean", "pgd10", "fgsm", "Worst (Linf eps=0.1)", "Δ worst (Linf eps=0.1)", "Δ clean", "n",
+            "Config", "Command", "Flags"} <= set(col)
+    rows = {r[col["Defense"]]: r for r in ([c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:])}
+    assert set(rows) == {"pgd_at", "standard"}
+    from bench.stats import mcnemar, wilson
+
     by_defense = {r["defense"]: r for r in runs}
+    flags = {}
     for name, row in rows.items():
         run = by_defense[name]
-        run_cells = {c["attack"]: c for c in Store(out_dir, create=False).cells(run["run_id"])}
-        assert row[col["Clean"]] == f"{100 * run_cells['clean']['correct'] / 128:.2f}"
+        cells = {c["attack"]: c for c in Store(out_dir, create=False).cells(run["run_id"])}
+        flags[name] = cells
+        k = cells["clean"]["correct"]
+        low, high = wilson(k, 128)
+        assert row[col["Clean"]] == f"{100 * k / 128:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
         assert row[col["Config"]] == run["run_id"][:10]
         assert row[col["Command"]] == f"`{run['command']}`"
         assert row[col["n"]] == "128"
-    assert rows["pgd_at"][col["Δ clean vs pgd_at"]] == "+0.00"
-    std, adv = rows["standard"], rows["pgd_at"]
-    expect = float(std[col["Clean"]]) - float(adv[col["Clean"]])
-    assert float(std[col["Δ clean vs pgd_at"]]) == pytest.approx(expect, abs=0.011)
-    # sorted by worst-case robust accuracy: PGD-AT above the undefended model
+    assert rows["pgd_at"][col["Δ clean"]] == "+0.0 (identical)"
+    test = mcnemar(flags["pgd_at"]["clean"]["flags"], flags["standard"]["clean"]["flags"])
+    assert rows["standard"][col["Δ clean"]].startswith(f"{100 * test.delta:+.1f} (")
+    assert f"{test.p_value:.2g}" in rows["standard"][col["Δ clean"]] or "ns" in rows["standard"][col["Δ clean"]]
+    # sorted by worst-case robust accuracy: PGD-AT above the undefended model, and ranked 1
     assert text.index("| pgd_at") < text.index("| standard")
+    assert rows["pgd_at"][col["Rank"]] in ("1", "=1")
+    assert "## Sanity checks" in text

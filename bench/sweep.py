@@ -1,0 +1,139 @@
+"""`bench sweep FILE.toml`: a grid of runs -- the inputs of the papers' tables -- run locally.
+
+    preset = "mini"                       # any `bench run` setting, for every cell
+    data_dir = "../shared/data/cifar10-mini"
+    attacks = ["pgd10", "fgsm"]
+    seeds = [0]
+    protocols = ["adaptive"]
+    set = { n_test = 500 }
+
+    [[cells]]
+    defense = "rift_bn"
+    grid = { k = [1, 2, 3, 4, 5] }        # one run per combination of the listed values
+    params = { bn_perturb = "affine" }    # fixed parameters
+    attacks = ["pgd10", "autoattack"]     # a cell may override any top-level setting
+
+Every job is validated before the first one runs; each run resumes its finished cells, so a sweep that
+is interrupted and started again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import config as config_mod
+from bench.errors import BenchError, did_you_mean
+
+TOP_KEYS = {"preset", "dataset", "data_dir", "arch", "device", "precision", "out", "attacks", "seeds",
+            "protocols", "set", "checks", "cells"}
+CELL_KEYS = {"defense", "params", "grid", "attacks", "seeds", "protocols", "set", "preset", "dataset", "data_dir", "arch"}
+
+
+@dataclass
+class Job:
+    request: object  # runner.Request
+    label: str
+
+
+def _check_keys(table: dict, allowed: set, where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise BenchError(f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}")
+
+
+def _as_list(value, what: str) -> list:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, (str, int)):
+        return [value]
+    raise BenchError(f"{what} must be a list, got {value!r}")
+
+
+def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> list[Job]:
+    from bench.runner import Request
+
+    conf = config_mod.read_toml(path)
+    _check_keys(conf, TOP_KEYS, str(path))
+    cells = conf.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise BenchError(f"{path}: no [[cells]] to run")
+    out_dir = out or conf.get("out", "results")
+    result = []
+    for i, cell in enumerate(cells, start=1):
+        where = f"{path}, cell {i}"
+        _check_keys(cell, CELL_KEYS, where)
+        if "defense" not in cell:
+            raise BenchError(f"{where}: no defense")
+        merged = {**{k: v for k, v in conf.items() if k != "cells"}, **cell}
+        grid = cell.get("grid", {})
+        if not isinstance(grid, dict):
+            raise BenchError(f"{where}: grid must be a table of lists")
+        axes = [(k, _as_list(v, f"{where}: grid.{k}")) for k, v in grid.items()]
+        seeds = _as_list(merged.get("seeds", [0]), f"{where}: seeds")
+        protocols = _as_list(merged.get("protocols", ["adaptive"]), f"{where}: protocols")
+        attacks = merged.get("attacks", ["pgd10", "fgsm"])
+        attacks = ",".join(attacks) if isinstance(attacks, list) else str(attacks)
+        for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
+            params = {**cell.get("params", {}), **{k: v for (k, _), v in zip(axes, combo)}}
+            for seed in seeds:
+                for protocol in protocols:
+                    req = Request(defense=cell["defense"], params=dict(params), attacks=attacks,
+                                  preset=merged.get("preset", config_mod.DEFAULT_PRESET), dataset=merged.get("dataset"),
+                                  data_dir=merged.get("data_dir"), arch=merged.get("arch"),
+                                  device=merged.get("device", "auto"), seed=int(seed), out=out_dir,
+                                  precision=merged.get("precision", "auto"), protocol=protocol,
+                                  sets=dict(merged.get("set", {})), checks=bool(merged.get("checks", True)),
+                                  quiet=quiet)
+                    req.command = equivalent_command(req)
+                    label = f"{cell['defense']}" + "".join(f" {k}={v}" for k, v in params.items()) + \
+                            f" seed={seed}" + (f" {protocol}" if protocol != "adaptive" else "")
+                    result.append(Job(req, label))
+    return result
+
+
+def equivalent_command(req) -> str:
+    """The `bench run` command that computes this job (stored with the run, printed in leaderboards)."""
+    args = ["bench", "run", "--defense", req.defense]
+    for k, v in req.params.items():
+        args += ["--param", f"{k}={_value(v)}"]
+    args += ["--attacks", req.attacks, "--preset", req.preset]
+    for flag, value in (("--dataset", req.dataset), ("--data-dir", req.data_dir), ("--arch", req.arch)):
+        if value:
+            args += [flag, str(value)]
+    for k, v in req.sets.items():
+        args += ["--set", f"{k}={_value(v)}"]
+    if req.seed:
+        args += ["--seed", str(req.seed)]
+    if req.protocol != "adaptive":
+        args += ["--protocol", req.protocol]
+    if req.out != "results":
+        args += ["--out", req.out]
+    return shlex.join(args)
+
+
+def _value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_run: bool = False) -> list[dict]:
+    """Validate every job, then run them in order with one progress bar for the grid."""
+    from tqdm.auto import tqdm
+
+    from bench import runner
+
+    todo = jobs(path, out=out)
+    prepared = [runner.prepare(job.request) for job in todo]  # every mistake surfaces before any work
+    if dry_run:
+        return [{"label": j.label, "command": j.request.command, "run_id": p.config.run_id} for j, p in zip(todo, prepared)]
+    results = []
+    bar = tqdm(list(zip(todo, prepared)), desc="sweep", disable=quiet, dynamic_ncols=True)
+    for job, prep in bar:
+        bar.set_postfix_str(job.label[:60])
+        summary = runner.execute(prep, quiet=True)
+        results.append({"label": job.label, "run_id": prep.config.run_id, "summary": summary})
+    return results

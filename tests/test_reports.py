@@ -1,0 +1,181 @@
+"""Sweeps, the papers' tables and figures, and the machine-readable leaderboard formats (smoke scale)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.store import Store
+
+SWEEP = """
+preset = "smoke"
+attacks = ["pgd10", "fgsm", "pgd10[eps=0.05]", "pgd10[eps=0.2]"]
+out = "{out}"
+set = {{ epochs_pgd_at = 4 }}
+
+[[cells]]
+defense = "pgd_at"
+
+[[cells]]
+defense = "rift"
+grid = {{ k = [1, 2] }}
+
+[[cells]]
+defense = "rift_bn"
+grid = {{ k = [1, 2] }}
+
+[[cells]]
+defense = "ft_bn"
+
+[[cells]]
+defense = "ft_conv"
+
+[[cells]]
+defense = "standard"
+
+[[cells]]
+defense = "bn_stats"
+
+[[cells]]
+defense = "bn_params"
+grid = {{ extra = [[], ["logits", "conv1"]] }}
+params = {{ epochs = 2 }}
+
+[[cells]]
+defense = "norm_shaping"
+grid = {{ train_ratio = [1, 3], infer_ratio = [0, 3] }}
+params = {{ epochs = 2 }}
+attacks = ["pgd10"]
+protocols = ["paper", "adaptive"]
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, smoke_cache):
+    import shutil
+
+    from bench.cli import main
+
+    root = tmp_path_factory.mktemp("sweep")
+    out = root / "results"
+    shutil.copytree(smoke_cache / "cache", out / "cache")
+    path = root / "grid.toml"
+    path.write_text(SWEEP.format(out=out))
+    try:
+        main(["sweep", str(path), "--quiet"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    return path, out
+
+
+def test_sweep_expands_the_grid_and_stores_every_run(swept):
+    _, out = swept
+    runs = Store(out, create=False).runs()
+    defenses = sorted(r["defense"] for r in runs)
+    assert defenses.count("rift") == 2 and defenses.count("rift_bn") == 2 and defenses.count("norm_shaping") == 4
+    assert {r["params"]["k"] for r in runs if r["defense"] == "rift_bn"} == {1, 2}
+    ns = [r for r in runs if r["defense"] == "norm_shaping"]
+    cells = Store(out, create=False).cells(ns[0]["run_id"])
+    assert {c["protocol"] for c in cells if c["attack"] == "pgd10"} == {"paper", "adaptive"}
+    rift = next(r for r in runs if r["defense"] == "rift")
+    assert rift["command"].startswith("bench run --defense rift --param k=")
+
+
+def test_sweep_resumes_and_validates(swept, bench, tmp_path):
+    path, out = swept
+    before = {(c["run_id"], c["attack"], c["protocol"]): c["created"] for c in Store(out, create=False).cells()}
+    res = bench("sweep", path, "--quiet")
+    assert res.code == 0
+    after = {(c["run_id"], c["attack"], c["protocol"]): c["created"] for c in Store(out, create=False).cells()}
+    assert after == before  # nothing recomputed
+    bad = tmp_path / "bad.toml"
+    bad.write_text('preset = "smoke"\n[[cells]]\ndefense = "rift"\ngrid = { k = [1, 9] }\n')
+    res = bench("sweep", bad, "--quiet")
+    assert res.code == 2 and "must be <= 5" in res.err
+    typo = tmp_path / "typo.toml"
+    typo.write_text('preset = "smoke"\n[[cells]]\ndefence = "rift"\n')
+    res = bench("sweep", typo)
+    assert res.code == 2 and "did you mean 'defense'" in res.err
+    listed = bench("sweep", path, "--dry-run")
+    assert listed.code == 0 and "bench run --defense rift_bn --param k=2" in listed.out
+
+
+@pytest.fixture(scope="module")
+def board(swept, tmp_path_factory):
+    from bench.cli import main
+
+    _, out = swept
+    dest = tmp_path_factory.mktemp("lb")
+    for fmt in ("md", "csv", "json"):
+        try:
+            main(["leaderboard", "--out", str(out), "--dest", str(dest), "--format", fmt])
+        except SystemExit as exc:
+            assert exc.code == 0
+    return dest, (dest / "digits-tiny_cnn-smoke.md").read_text()
+
+
+def test_rift_topk_table_has_base_rift_and_deltas(board):
+    _, text = board
+    section = text.split("## RiFT top-k", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ")]
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert names[0] == "Base (PGD-AT)"
+    for k in ("1", "2"):
+        for name in ("RiFT", "Δ RiFT", "RiFT with BN", "Δ RiFT with BN"):
+            assert any(r.split("|")[1].strip() == name and r.split("|")[2].strip() == k for r in rows), (name, k)
+    delta = next(r for r in rows if r.split("|")[1].strip() == "Δ RiFT")
+    assert "(" in delta.split("|")[3]  # a p-value or 'identical'/'ns' with the delta
+
+
+def test_norm_shaping_grid_and_adaptive_table(board):
+    _, text = board
+    assert "### Robust accuracy, adaptive attacks (worst case) (the slides' table IV layout)" in text
+    grid = text.split("### Robust accuracy, adaptive attacks", 1)[1].split("###", 1)[0]
+    header = next(ln for ln in grid.splitlines() if ln.startswith("| train"))
+    assert "1:0" in header and "1:3" in header
+    assert any(ln.startswith("| 1:1 ") for ln in grid.splitlines()) and any(ln.startswith("| 1:3 ") for ln in grid.splitlines())
+    assert "### Adaptive vs non-adaptive attacks" in text and "pgd10 non-adaptive" in text
+
+
+def test_fragile_and_finetune_sections(board):
+    _, text = board
+    table = text.split("## Fragile features and BN", 1)[1].split("\n## ", 1)[0]
+    assert "| bn_stats " in table and "| bn_params +log +conv1 " in table and "| standard " in table
+    assert "## Layer-type fine-tuning" in text and "| ft_bn " in text
+
+
+def test_figures_exist_are_png_and_embedded(board):
+    dest, text = board
+    for name in ("mrc", "alpha", "bn-kde", "finetune-curves", "eps-pgd10"):
+        path = dest / f"digits-tiny_cnn-smoke-{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({path.name})" in text
+        assert path.stat().st_size > 5000
+
+
+def test_csv_and_json_hold_numbers(board):
+    dest, _ = board
+    import pandas as pd
+
+    frame = pd.read_csv(dest / "digits-tiny_cnn-smoke.csv")
+    assert {"name", "clean_acc", "acc_pgd10", "config"} <= set(frame.columns)
+    assert frame["clean_acc"].dtype.kind == "f"
+    models = json.loads((dest / "digits-tiny_cnn-smoke.json").read_text())
+    pgd = next(m for m in models if m["name"] == "pgd_at")
+    assert isinstance(pgd["clean_acc"], float) and isinstance(pgd["eps"], float) and pgd["architecture"] == "tiny_cnn"
+    assert pgd["dataset"] == "digits" and pgd["autoattack_acc"] is None
+    assert set(pgd["attacks"]) >= {"pgd10", "fgsm"}
+
+
+def test_header_says_how_to_regenerate(board):
+    _, text = board
+    head = text.split("\n\n", 2)[1]
+    assert "Regenerate: `bench leaderboard --out" in head and "code" in text.split("\n")[3]
+    assert "preset `smoke`" in text.splitlines()[0] or "Preset `smoke`" in text
+
+
+def test_unknown_format(bench, swept, tmp_path):
+    _, out = swept
+    res = bench("leaderboard", "--out", out, "--dest", tmp_path, "--format", "xlsx")
+    assert res.code == 2 and "format must be md, csv or json" in res.err
