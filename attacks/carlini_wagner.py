@@ -11,6 +11,7 @@ import torch
 
 from attacks import torchattacks_adapter as ta
 from bench.api import Attack, Param
+from bench.pgd import project
 
 
 class CWL2(Attack):
@@ -35,11 +36,9 @@ class CWL2(Attack):
         lib = ta.torchattacks()
         wrapped = self.composed(model, x, y)
         x_cw = ta.run(lambda m: lib.CW(m, c=p.c, kappa=p.kappa, steps=p.steps, lr=p.lr), wrapped, x, y)
-        delta = x_cw - x
-        norms = delta.flatten(1).norm(dim=1)
+        norms = (x_cw - x).flatten(1).norm(dim=1)
         self._norms.append(norms[norms > 0].cpu())
-        scale = (p.eps / norms.clamp_min(1e-12)).clamp(max=1.0)
-        return (x + delta * scale.view(-1, *([1] * (x.dim() - 1)))).clamp(0, 1)
+        return project(x_cw, x, p.eps, "L2")
 
     def extra(self) -> dict:
         norms = torch.cat(self._norms) if self._norms else torch.zeros(0)

@@ -26,6 +26,7 @@ import torch
 
 from bench import state
 from bench.api import Attack, Param
+from bench.pgd import project
 
 
 class DeepFool(Attack):
@@ -98,11 +99,9 @@ class DeepFool(Attack):
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with state.preserved(model):
             x_min, flipped = self.minimal(model, x, y)
-        delta = x_min - x
-        norms = delta.flatten(1).norm(dim=1)
-        self._norms.append(norms[flipped].cpu())
-        scale = (self.params.eps / norms.clamp_min(1e-12)).clamp(max=1.0)
-        return (x + delta * scale.view(-1, *([1] * (x.dim() - 1)))).clamp(0, 1)
+        norms = (x_min - x).flatten(1).norm(dim=1)
+        self._norms.append(norms[flipped & (norms > 0)].cpu())  # initially misclassified samples need no step
+        return project(x_min, x, self.params.eps, "L2")
 
     def extra(self) -> dict:
         norms = torch.cat(self._norms) if self._norms else torch.zeros(0)

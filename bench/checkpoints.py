@@ -21,8 +21,8 @@ import torch.nn as nn
 from bench import models
 from bench.config import stable_hash
 from bench.errors import BenchError
-from bench.train import (Clean, FGSMRandomStart, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy,
-                         autocast_factory, robust_accuracy, train)
+from bench.train import (Clean, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy, autocast_factory, fgsm_rs,
+                         robust_accuracy, train)
 
 RECIPES = ("standard", "pgd_at", "trades", "fgsm_rs")
 
@@ -130,7 +130,7 @@ def recipe_plan(recipe: str, ctx) -> tuple[Any, TrainSpec, str]:
         obj = TRADES(eps, TRADES.step_for(eps), p.pgd_steps, 6.0, gen)
         return obj, TrainSpec(p.epochs_trades, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
     if recipe == "fgsm_rs":
-        obj = FGSMRandomStart(eps, 1.25 * eps, gen)  # alpha = 10/255 at eps 8/255
+        obj = fgsm_rs(eps, gen)
         return obj, TrainSpec(p.epochs_fgsm_rs, p.lr_fgsm_rs, schedule=Schedule("cyclic"),
                               select="val_robust", **aug), "val_robust"
     raise BenchError(f"unknown base recipe '{recipe}'; choose from: {', '.join(RECIPES)}")
@@ -140,7 +140,8 @@ def base_identity(ctx, recipe: str) -> dict:
     obj, spec, select = recipe_plan(recipe, ctx)
     budget = {k: v for k, v in vars(spec).items() if k != "schedule"}
     budget["schedule"] = vars(spec.schedule)
-    budget["objective"] = {k: v for k, v in vars(obj).items() if k != "generator"}
+    # the crafting mode is implied by the recipe name, which is part of the identity
+    budget["objective"] = {k: v for k, v in vars(obj).items() if k not in ("generator", "craft_in_eval")}
     return {"dataset": ctx.data.name, "data": ctx.data.fingerprint, "arch": ctx.arch, "recipe": recipe,
             "budget": budget, "eps": ctx.preset.eps, "alpha": ctx.preset.alpha, "seed": ctx.seed,
             "precision": ctx.precision, "n_val_robust": ctx.preset.n_val_robust}

@@ -53,28 +53,39 @@ def list_cmd(verbose: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def run_options(f):
+    """Options shared by `bench run` and `bench check`: what is built, on which data, where."""
+    options = [
+        click.option("--defense", help="Defense name (see `bench list`)."),
+        click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Defense parameter."),
+        click.option("--preset", help=f"Scale: {', '.join(config_mod.PRESETS)}. [default: {config_mod.DEFAULT_PRESET}]"),
+        click.option("--dataset", help="digits, cifar10 or cifar100 (default: the preset's)."),
+        click.option("--data-dir", type=str, help="Directory holding cifar-*-python/ (or empty, to download)."),
+        click.option("--arch", help="Architecture (default: the preset's)."),
+        click.option("--device", help="cpu, cuda or auto. [default: auto]"),
+        click.option("--seed", type=str, help="Run seed. [default: 0]"),
+        click.option("--out", help="Results directory (database and cached models). [default: results]"),
+        click.option("--config", "config_file", type=str, help="TOML file with any of these settings."),
+        click.option("--precision", help="Training precision: auto, bf16 or fp32 (evaluation is fp32). [default: auto]"),
+        click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a preset number."),
+        click.option("--base-checkpoint", "base_checkpoints", multiple=True, metavar="[RECIPE=]PATH",
+                     help="Use this checkpoint as a base model instead of training one (recipe default pgd_at)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or progress messages."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command("run")
-@click.option("--defense", help="Defense name (see `bench list`).")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Defense parameter.")
-@click.option("--attacks", help="Comma-separated attack names, or 'all'. [default: pgd10,fgsm]")
+@run_options
+@click.option("--seeds", type=str, help="Repeat the whole run for each of these seeds, e.g. 0,1,2.")
+@click.option("--attacks", help="Comma-separated attack names (name[key=value;...] for parameters), or 'all'. "
+                                "[default: pgd10,fgsm]")
 @click.option("--attack-param", "attack_params", multiple=True, metavar="ATTACK.KEY=VALUE",
               help="Attack parameter, e.g. fgsm.eps=16/255.")
-@click.option("--preset", help=f"Scale: {', '.join(config_mod.PRESETS)}. [default: {config_mod.DEFAULT_PRESET}]")
-@click.option("--dataset", help="digits, cifar10 or cifar100 (default: the preset's).")
-@click.option("--data-dir", type=str, help="Directory holding cifar-*-python/ (or empty, to download).")
-@click.option("--arch", help="Architecture (default: the preset's).")
-@click.option("--device", help="cpu, cuda or auto. [default: auto]")
-@click.option("--seed", type=str, help="Run seed. [default: 0]")
-@click.option("--seeds", type=str, help="Repeat the whole run for each of these seeds, e.g. 0,1,2.")
-@click.option("--out", help="Results directory (database and cached models). [default: results]")
-@click.option("--config", "config_file", type=str, help="TOML file with any of these settings.")
-@click.option("--precision", help="Training precision: auto, bf16 or fp32 (evaluation is fp32). [default: auto]")
 @click.option("--protocol", help="adaptive (attack the defended model) or paper (attack its surrogate).")
-@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a preset number.")
-@click.option("--base-checkpoint", "base_checkpoints", multiple=True, metavar="[RECIPE=]PATH",
-              help="Use this checkpoint as a base model instead of training one (recipe default pgd_at).")
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or progress messages.")
 def run_cmd(**opts) -> None:
     """Build a defense and attack it; results go to the results database, cell by cell."""
     from bench import runner
@@ -189,21 +200,8 @@ def print_seed_summary(results: list[dict]) -> None:
 
 
 @cli.command("check")
-@click.option("--defense", help="Defense name (see `bench list`).")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Defense parameter.")
-@click.option("--preset", help=f"Scale: {', '.join(config_mod.PRESETS)}. [default: {config_mod.DEFAULT_PRESET}]")
-@click.option("--dataset", help="digits, cifar10 or cifar100 (default: the preset's).")
-@click.option("--data-dir", type=str, help="Directory holding cifar-*-python/.")
-@click.option("--arch", help="Architecture (default: the preset's).")
-@click.option("--device", help="cpu, cuda or auto. [default: auto]")
-@click.option("--seed", type=str, help="Run seed. [default: 0]")
-@click.option("--out", help="Results directory (its model cache is used). [default: results]")
-@click.option("--config", "config_file", type=str, help="TOML file with any of these settings.")
-@click.option("--precision", help="Training precision: auto, bf16 or fp32.")
-@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a preset number.")
-@click.option("--base-checkpoint", "base_checkpoints", multiple=True, metavar="[RECIPE=]PATH")
+@run_options
 @click.option("--n", "n", type=int, default=None, help="Test images checked (default: one evaluation batch).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def check_cmd(**opts) -> None:
     """Checks 3-8 alone (determinism, batch dependence, gradients, large eps, budget monotonicity,
     black-box vs white-box) on the first test images; exit code 1 if any check fails."""

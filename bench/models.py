@@ -143,24 +143,6 @@ class ResNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.shortcut = None
-        if cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        short = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + short
-
-
 class WideResNet(nn.Module):
     """WRN-34-10 as in TRADES / RiFT's code (pre-activation blocks, (34-4)/6 = 5 blocks per stage)."""
 
@@ -173,7 +155,7 @@ class WideResNet(nn.Module):
         cin = widths[0]
         for i, cout in enumerate(widths[1:], start=1):
             stride = 1 if i == 1 else 2
-            blocks = [WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)]
+            blocks = [PreActBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)]
             setattr(self, f"block{i}", nn.Sequential(*blocks))
             cin = cout
         self.bn1 = nn.BatchNorm2d(cin)

@@ -79,16 +79,21 @@ class Clean(Objective):
 
 @dataclass
 class PGDAdversarial(Objective):
-    """Madry PGD-AT: train only on PGD examples crafted with BN in eval mode (random start, last iterate)."""
+    """Train only on PGD examples (random start, last iterate).
+
+    Madry PGD-AT crafts them with BN in eval mode; FGSM-RS (Wong et al. 2020) is the same with one step of
+    1.25 eps, taken in the model's training mode as in the authors' code (`fgsm_rs`).
+    """
 
     eps: float
     alpha: float
     steps: int = 10
     generator: torch.Generator | None = None
+    craft_in_eval: bool = True
     name = "pgd_at"
 
     def loss(self, model, x, y, autocast):
-        with eval_mode(model):
+        with eval_mode(model) if self.craft_in_eval else contextlib.nullcontext():
             x_adv = pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
                         generator=self.generator, track_best=False, autocast=autocast)
         with autocast():
@@ -96,22 +101,9 @@ class PGDAdversarial(Objective):
         return F.cross_entropy(logits.float(), y), logits
 
 
-@dataclass
-class FGSMRandomStart(Objective):
-    """Wong et al. 2020: delta ~ U(-eps, eps), one signed step of alpha, projected (PGD with one step)."""
-
-    eps: float
-    alpha: float
-    generator: torch.Generator | None = None
-    name = "fgsm_rs"
-
-    def loss(self, model, x, y, autocast):
-        # The single step is taken in the model's training mode, as in the authors' code.
-        x_adv = pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=1, generator=self.generator,
-                    track_best=False, autocast=autocast)
-        with autocast():
-            logits = model(x_adv)
-        return F.cross_entropy(logits.float(), y), logits
+def fgsm_rs(eps: float, generator: torch.Generator | None = None) -> PGDAdversarial:
+    """Wong et al. 2020: delta ~ U(-eps, eps), one signed step of 1.25 eps (10/255 at 8/255), projected."""
+    return PGDAdversarial(eps, 1.25 * eps, 1, generator, craft_in_eval=False)
 
 
 @dataclass

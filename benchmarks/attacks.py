@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import argparse
 import glob
+import sys
 import time
+from pathlib import Path
 
-import torch
+# Run as a script, this file's folder comes first on sys.path and `import attacks` would find this file
+# instead of the attack plugins package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench import checkpoints, config, data, models
-from bench.api import Defended, resolve_params
-from bench.registry import load
+import torch  # noqa: E402
+
+from bench import checkpoints, config, data, models  # noqa: E402
+from bench.api import Defended, resolve_params  # noqa: E402
+from bench.registry import load  # noqa: E402
 
 ATTACKS = ["fgsm", "pgd10", "cw_inf", "pgd50", "deepfool", "cw_l2", "shaping", "square", "autoattack"]
 

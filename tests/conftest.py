@@ -73,6 +73,20 @@ def bench_subprocess(*args: str, env: dict | None = None, timeout: float = 300, 
 
 
 @pytest.fixture(scope="session")
+def undefended():
+    """A clean-trained (undefended) tiny CNN on digits, in eval mode, and its dataset (128 test images)."""
+    from bench import data, models, train
+
+    ds = data.load("digits", n_train=900, n_val=50, n_test=128)
+    torch.manual_seed(0)
+    model = models.build("tiny_cnn", ds.spec)
+    train.train(model, ds.train, train.Clean(), train.TrainSpec(epochs=15, lr=0.2, batch_size=64),
+                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert train.accuracy(model, ds.test, torch.device("cpu")) > 0.85
+    return model.eval(), ds
+
+
+@pytest.fixture(scope="session")
 def smoke_cache(tmp_path_factory) -> Path:
     """A results directory holding the smoke base models (standard, pgd_at) trained once per session."""
     from bench.cli import main

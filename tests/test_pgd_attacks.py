@@ -12,16 +12,10 @@ from bench.registry import load
 DEVICE = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A clean-trained tiny CNN on digits (undefended), and test data."""
-    ds = data.load("digits", n_train=600, n_val=50, n_test=128)
-    torch.manual_seed(0)
-    model = models.build("tiny_cnn", ds.spec)
-    train.train(model, ds.train, train.Clean(), train.TrainSpec(epochs=10, lr=0.2, batch_size=64), device=DEVICE,
-                generator=torch.Generator().manual_seed(0))
-    assert train.accuracy(model, ds.test, DEVICE) > 0.8
-    return model.eval(), ds.test
+@pytest.fixture
+def trained(undefended):
+    model, ds = undefended
+    return model, ds.test
 
 
 @pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 0.5)])

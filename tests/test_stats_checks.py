@@ -50,14 +50,10 @@ def test_mean_std():
 # ---------------------------------------------------------------------------------------- model probes
 
 
-@pytest.fixture(scope="module")
-def net():
-    ds = data.load("digits", n_train=600, n_val=50, n_test=64)
-    torch.manual_seed(0)
-    model = models.build("tiny_cnn", ds.spec)
-    train.train(model, ds.train, train.Clean(), train.TrainSpec(epochs=10, lr=0.2, batch_size=64), device=DEVICE,
-                generator=torch.Generator().manual_seed(0))
-    return model.eval(), ds.test.x, ds.test.y
+@pytest.fixture
+def net(undefended):
+    model, ds = undefended
+    return model, ds.test.x[:64], ds.test.y[:64]
 
 
 class Noisy(torch.nn.Module):

@@ -79,7 +79,7 @@ def test_nan_loss_aborts_with_a_clear_error(digits):
 
 
 @pytest.mark.parametrize("objective", [
-    train.PGDAdversarial(0.1, 0.025, 3), train.TRADES(0.1, 0.02, 3), train.FGSMRandomStart(0.1, 0.125)])
+    train.PGDAdversarial(0.1, 0.025, 3), train.TRADES(0.1, 0.02, 3), train.fgsm_rs(0.1)])
 def test_adversarial_objectives_train_and_restore_modes(digits, objective):
     model = fresh()
     objective.generator = torch.Generator().manual_seed(0)
