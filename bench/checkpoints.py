@@ -142,7 +142,8 @@ def base_identity(ctx, recipe: str) -> dict:
     budget["schedule"] = vars(spec.schedule)
     # the crafting mode is implied by the recipe name, which is part of the identity
     budget["objective"] = {k: v for k, v in vars(obj).items() if k not in ("generator", "craft_in_eval")}
-    return {"dataset": ctx.data.name, "data": ctx.data.fingerprint, "arch": ctx.arch, "recipe": recipe,
+    # training never reads the test split: evaluating more or fewer test images reuses the same base
+    return {"dataset": ctx.data.name, "data": ctx.data.train_fingerprint, "arch": ctx.arch, "recipe": recipe,
             "budget": budget, "eps": ctx.preset.eps, "alpha": ctx.preset.alpha, "seed": ctx.seed,
             "precision": ctx.precision, "n_val_robust": ctx.preset.n_val_robust}
 

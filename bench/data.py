@@ -91,7 +91,8 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    fingerprint: str
+    fingerprint: str  # everything a run reads, test images included
+    train_fingerprint: str = ""  # train and validation only: what a base model's training reads
 
     @property
     def num_classes(self) -> int:
@@ -124,7 +125,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, n_train: int |
     if n_test is not None:
         test = test.subset(slice(0, n_test))
     fp = hashlib.sha256(f"{digest}:{n_train}:{n_val}:{len(test)}".encode()).hexdigest()[:16]
-    return Dataset(name, DATASETS[name], train.subset(train_idx), train.subset(val_idx), test, fp)
+    train_fp = hashlib.sha256(f"{digest}:{n_train}:{n_val}".encode()).hexdigest()[:16]
+    return Dataset(name, DATASETS[name], train.subset(train_idx), train.subset(val_idx), test, fp, train_fp)
 
 
 def _to_split(x: np.ndarray, y) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,10 @@ def test_base_model_is_cached_with_digest_and_reused(bench, out_dir):
     res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "fgsm", "--out", out_dir)
     assert res.code == 0 and "cache hit" in res.err and "training" not in res.err
     assert ckpt.stat().st_mtime_ns == mtime
+    # fewer test images evaluated: the base never saw the test split, so the same one serves
+    res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "fgsm", "--set", "n_test=32",
+                "--out", out_dir)
+    assert res.code == 0 and "cache hit" in res.err and "training" not in res.err
     # another seed is another base model
     res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "fgsm", "--seed", "1",
                 "--out", out_dir, "--quiet")
