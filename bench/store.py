@@ -108,7 +108,9 @@ class Store:
         row.setdefault("created", time.time())
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        updates = ", ".join(f"{k}=excluded.{k}" for k in row if k not in ("run_id", "created"))
+        # a re-run rebuilds from caches in seconds: keep the build time of the run that computed it
+        updates = ", ".join(f"{k}=MAX({k}, excluded.{k})" if k == "build_seconds" else f"{k}=excluded.{k}"
+                            for k in row if k not in ("run_id", "created"))
         with self.conn:
             self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks}) "
                               f"ON CONFLICT(run_id) DO UPDATE SET {updates}", list(row.values()))

@@ -174,3 +174,17 @@ def test_leaderboard_has_rows_deltas_hash_and_command(bench, out_dir, tmp_path):
     assert text.index("| pgd_at") < text.index("| standard")
     assert rows["pgd_at"][col["Rank"]] in ("1", "=1")
     assert "## Sanity checks" in text
+
+
+def test_rerun_from_caches_keeps_the_build_time_of_the_run_that_computed_it(tmp_path):
+    store = Store(tmp_path, create=True)
+    row = {"run_id": "r1", "defense": "rift", "params": {"k": 1}, "preset": "smoke", "dataset": "digits",
+           "arch": "tiny_cnn", "seed": 0, "precision": "fp32", "config": {}, "command": "bench run",
+           "code_version": "x", "batch_dependent": 0, "randomized": 0, "has_surrogate": 0, "info": {"a": 1}}
+    try:
+        store.put_run({**row, "build_seconds": 120.0})
+        store.put_run({**row, "info": {"a": 2}, "build_seconds": 0.5})  # rebuilt from caches
+        (run,) = store.runs()
+        assert run["build_seconds"] == 120.0 and run["info"] == {"a": 2}
+    finally:
+        store.close()
