@@ -354,7 +354,8 @@ def report(rc) -> list[str]:
                 rows.append([f"Δ {name}", str(k), *deltas(cfg)])
     lines = ["## RiFT top-k (the RiFT-with-BN paper's table 1 format)", "",
              "Normal and PGD-10 accuracy in % on the test set (95% Wilson interval); Δ rows in points against "
-             "the PGD-AT base with the exact McNemar p-value (ns: inside the noise). The paper's base: "
+             "the PGD-AT base with the exact McNemar p-value (ns: inside the noise), paired on the seeds both rows "
+             "have (a base with several seeds shows mean ± std over all of them). The paper's base: "
              "81.45 / 53.75 (CIFAR-10, ResNet-18, full data).", "",
              pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True), ""]
 
