@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attacks import torchattacks_adapter as ta
+from attacks.found_norms import FoundNorms
 from bench.api import Attack, Param
 from bench.pgd import project
 
@@ -29,7 +30,7 @@ class CWL2(Attack):
 
     def __init__(self, **params):
         super().__init__(**params)
-        self._norms: list[torch.Tensor] = []
+        self._found = FoundNorms()
 
     def perturb(self, model, x, y):
         p = self.params
@@ -37,9 +38,8 @@ class CWL2(Attack):
         wrapped = self.composed(model, x, y)
         x_cw = ta.run(lambda m: lib.CW(m, c=p.c, kappa=p.kappa, steps=p.steps, lr=p.lr), wrapped, x, y)
         norms = (x_cw - x).flatten(1).norm(dim=1)
-        self._norms.append(norms[norms > 0].cpu())
+        self._found.add(norms[norms > 0])
         return project(x_cw, x, p.eps, "L2")
 
     def extra(self) -> dict:
-        norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
-        return {"median_found_l2": float(norms.median()) if len(norms) else None, "found": int(len(norms))}
+        return self._found.summary("median_found_l2", "found")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from attacks.found_norms import FoundNorms
 from bench import state
 from bench.api import Attack, Param
 from bench.pgd import project
@@ -45,7 +46,7 @@ class DeepFool(Attack):
 
     def __init__(self, **params):
         super().__init__(**params)
-        self._norms: list[torch.Tensor] = []
+        self._found = FoundNorms()
 
     def minimal(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The DeepFool iterate of every sample and whether it flipped the prediction (unbounded)."""
@@ -101,10 +102,8 @@ class DeepFool(Attack):
         with state.preserved(model):
             x_min, flipped = self.minimal(model, x, y)
         norms = (x_min - x).flatten(1).norm(dim=1)
-        self._norms.append(norms[flipped & (norms > 0)].cpu())  # initially misclassified samples need no step
+        self._found.add(norms[flipped & (norms > 0)])  # initially misclassified samples need no step
         return project(x_min, x, self.params.eps, "L2")
 
     def extra(self) -> dict:
-        norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
-        return {"median_minimal_l2": float(norms.median()) if len(norms) else None,
-                "flipped_unbounded": int(len(norms))}
+        return self._found.summary("median_minimal_l2", "flipped_unbounded")
