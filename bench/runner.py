@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,13 +145,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def check_writable(out: str) -> Path:
+    """Fail early on an unwritable results directory without creating it: a command that stops on a later
+    mistake (a sweep's second job, say) must leave no empty folder behind."""
     path = Path(out).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise BenchError(f"output directory {path} is not writable ({exc.strerror or exc})") from None
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BenchError(f"output directory {path} is not writable ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BenchError(f"output directory {path} is not writable (permission denied on {existing})")
     return path
 
 

@@ -83,6 +83,8 @@ class Store:
         if not create and not self.path.is_file():
             raise BenchError(f"no results in {Path(out_dir)} (no {DB_NAME}); run `bench run` first")
         try:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=60)
             self.conn.row_factory = sqlite3.Row
             if create:
@@ -95,6 +97,8 @@ class Store:
                 self.conn.execute("SELECT 1 FROM cells LIMIT 1")
         except sqlite3.DatabaseError as exc:
             raise BenchError(f"results database {self.path} is unreadable ({exc})") from None
+        except OSError as exc:
+            raise BenchError(f"output directory {self.path.parent} is not writable ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         self.conn.close()

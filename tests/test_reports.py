@@ -82,8 +82,9 @@ def test_sweep_expands_the_grid_and_stores_every_run(swept):
     assert rift["command"].startswith("bench run --defense rift --param k=")
 
 
-def test_sweep_resumes_and_validates(swept, bench, tmp_path):
+def test_sweep_resumes_and_validates(swept, bench, tmp_path, monkeypatch):
     path, out = swept
+    monkeypatch.chdir(tmp_path)  # the bad sweeps below name no --out: their default folder would land here
     before = {(c["run_id"], c["attack"], c["protocol"]): c["created"] for c in Store(out, create=False).cells()}
     res = bench("sweep", path, "--quiet")
     assert res.code == 0
@@ -93,6 +94,7 @@ def test_sweep_resumes_and_validates(swept, bench, tmp_path):
     bad.write_text('preset = "smoke"\n[[cells]]\ndefense = "rift"\ngrid = { k = [1, 9] }\n')
     res = bench("sweep", bad, "--quiet")
     assert res.code == 2 and "must be <= 5" in res.err
+    assert not (tmp_path / "results").exists()  # its valid first job was prepared, but nothing was created
     typo = tmp_path / "typo.toml"
     typo.write_text('preset = "smoke"\n[[cells]]\ndefence = "rift"\n')
     res = bench("sweep", typo)
