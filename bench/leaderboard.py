@@ -182,6 +182,12 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
 def main_table(configs: list[Config]) -> pd.DataFrame:
     labels, paper_labels, threats = attack_labels(configs)
     base = base_config(configs)
+    threat_labels: dict[str, list[str]] = defaultdict(list)  # adaptive attacks run on some row, per threat
+    for cfg in configs:
+        for r in cfg.runs:
+            for (label, protocol), c in r.cells.items():
+                if protocol == "adaptive" and label not in threat_labels[c["threat"]]:
+                    threat_labels[c["threat"]].append(label)
     rows = []
     for cfg in configs:
         row = {"Defense": cfg.defense, "Params": distinguishing(cfg, configs)}
@@ -194,6 +200,9 @@ def main_table(configs: list[Config]) -> pd.DataFrame:
         sort_key = None
         for threat in threats:
             text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
+            missing = [lab for lab in threat_labels[threat] if not cfg.flags(lab)]
+            if missing and text != "—":  # a worst case over fewer attacks than other rows is not comparable
+                text += f" † without {', '.join(missing)}"
             row[f"Worst ({threat})"] = text
             if sort_key is None:
                 sort_key = (mean, interval)
@@ -351,7 +360,8 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
                 "Adaptive protocol (attacks differentiate the defense's whole inference procedure); columns "
                 "marked (paper) attack the defense's surrogate instead and are scored on the defense, as "
                 "non-adaptive papers did. Worst case = correct under every attack of the threat model (and "
-                f"clean). Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
+                f"clean); † marks a worst case over fewer attacks than other rows ran, which overstates it against "
+                f"them. Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
                 "(ns: inside the noise, p ≥ 0.05). Rank ties (=k): overlapping intervals.", "",
                 n.to_markdown(index=False, disable_numparse=True), ""]
         rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=dest, stem=stem)
