@@ -224,6 +224,9 @@ class Attack(_Plugin):
     order: ClassVar[int] = 50  # position in `--attacks all` (cheap first)
     in_all: ClassVar[bool] = True  # part of `--attacks all`
     randomized_variant: ClassVar[str] = ""  # attack to run instead against a randomized defense
+    # True for an attack that only adds something against batch-dependent defenses (elsewhere it reduces to
+    # attacks of the suite): a leaderboard does not count it missing from other defenses' worst cases.
+    batch_dependent_only: ClassVar[bool] = False
 
     batch_dependent = False
     randomized = False

@@ -179,6 +179,16 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
     return labels, paper, threats
 
 
+def _batch_dependent_only(label: str) -> bool:
+    from bench import registry
+    from bench.errors import BenchError
+
+    try:
+        return bool(getattr(registry.load("attack", label.split("[", 1)[0]), "batch_dependent_only", False))
+    except BenchError:  # an attack whose plugin is no longer installed: count it
+        return False
+
+
 def main_table(configs: list[Config]) -> pd.DataFrame:
     labels, paper_labels, threats = attack_labels(configs)
     base = base_config(configs)
@@ -200,7 +210,8 @@ def main_table(configs: list[Config]) -> pd.DataFrame:
         sort_key = None
         for threat in threats:
             text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
-            missing = [lab for lab in threat_labels[threat] if not cfg.flags(lab)]
+            missing = [lab for lab in threat_labels[threat]
+                       if not cfg.flags(lab) and (cfg.runs[0].run["batch_dependent"] or not _batch_dependent_only(lab))]
             if missing and text != "—":  # a worst case over fewer attacks than other rows is not comparable
                 text += f" † without {', '.join(missing)}"
             row[f"Worst ({threat})"] = text
