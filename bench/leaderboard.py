@@ -198,6 +198,7 @@ def main_table(configs: list[Config]) -> pd.DataFrame:
             for (label, protocol), c in r.cells.items():
                 if protocol == "adaptive" and label not in threat_labels[c["threat"]]:
                     threat_labels[c["threat"]].append(label)
+    only_batch_dependent = {lab for labs in threat_labels.values() for lab in labs if _batch_dependent_only(lab)}
     rows = []
     for cfg in configs:
         row = {"Defense": cfg.defense, "Params": distinguishing(cfg, configs)}
@@ -211,7 +212,7 @@ def main_table(configs: list[Config]) -> pd.DataFrame:
         for threat in threats:
             text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
             missing = [lab for lab in threat_labels[threat]
-                       if not cfg.flags(lab) and (cfg.runs[0].run["batch_dependent"] or not _batch_dependent_only(lab))]
+                       if not cfg.flags(lab) and (cfg.runs[0].run["batch_dependent"] or lab not in only_batch_dependent)]
             if missing and text != "—":  # a worst case over fewer attacks than other rows is not comparable
                 text += f" † without {', '.join(missing)}"
             row[f"Worst ({threat})"] = text
