@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from bench import config, data, models
 from bench.pgd import pgd
+from timing import sync
 
 
 def main() -> None:
@@ -43,10 +44,6 @@ def main() -> None:
         y = torch.randint(0, spec.num_classes, (args.batch,), device=device)
     eps, alpha = preset.eps, preset.eps / 4
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def limit():
         for _ in range(10):
             xr = x.clone().requires_grad_(True)
@@ -69,10 +66,10 @@ def main() -> None:
     times = {name: [] for name in candidates}
     for _ in range(args.reps):
         for name, fn in candidates.items():
-            sync()
+            sync(device)
             start = time.perf_counter()
             fn()
-            sync()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"{preset.arch} on {args.batch} images of {preset.dataset} ({device}, fp32, eval mode), "

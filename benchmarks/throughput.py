@@ -23,6 +23,7 @@ from bench.api import Context
 from bench.checkpoints import recipe_plan
 from bench.pgd import pgd
 from bench.train import TrainSpec, resolve_precision, train
+from timing import sync
 
 
 def main() -> None:
@@ -42,10 +43,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = models.build(args.arch, ds.spec).to(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(data=ds, arch=args.arch, device=device, seed=0, preset=preset, cache_dir=tmp,
                       precision=precision, quiet=True)
@@ -56,10 +53,10 @@ def main() -> None:
     timed = ds.train.subset(torch.arange(n_train))
     gen = torch.Generator().manual_seed(0)
     train(model, warm, objective, epoch, device=device, precision=precision, generator=gen)
-    sync()
+    sync(device)
     start = time.perf_counter()
     train(model, timed, objective, epoch, device=device, precision=precision, generator=gen)
-    sync()
+    sync(device)
     train_ips = n_train / (time.perf_counter() - start)
 
     model.eval()
@@ -71,11 +68,11 @@ def main() -> None:
         return pgd(model, x, y, eps=preset.eps, alpha=preset.alpha, steps=10, generator=torch.Generator().manual_seed(0))
 
     attack(x_all[:batch], y_all[:batch])  # warm-up
-    sync()
+    sync(device)
     start = time.perf_counter()
     for i in range(0, n_eval, batch):
         attack(x_all[i:i + batch], y_all[i:i + batch])
-    sync()
+    sync(device)
     pgd_ips = n_eval / (time.perf_counter() - start)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
