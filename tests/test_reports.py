@@ -48,6 +48,11 @@ grid = {{ train_ratio = [1, 3], infer_ratio = [0, 3] }}
 params = {{ epochs = 2 }}
 attacks = ["pgd10"]
 protocols = ["paper", "adaptive"]
+
+[[cells]]
+defense = "norm_shaping"
+params = {{ epochs = 2, train_ratio = 1, infer_ratio = 0 }}
+attacks = ["pgd10", "fgsm"]
 """
 
 
@@ -136,7 +141,10 @@ def test_norm_shaping_grid_and_adaptive_table(board):
     grid = text.split("### Robust accuracy, adaptive attacks", 1)[1].split("###", 1)[0]
     header = next(ln for ln in grid.splitlines() if ln.startswith("| train"))
     assert "1:0" in header and "1:3" in header
-    assert any(ln.startswith("| 1:1 ") for ln in grid.splitlines()) and any(ln.startswith("| 1:3 ") for ln in grid.splitlines())
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in grid.splitlines() if ln.startswith("| 1:")}
+    assert set(rows) == {"1:1", "1:3"}
+    # only train 1:1 x infer 1:0 also ran fgsm: every other cell's worst case is marked as over fewer attacks
+    assert "†" not in rows["1:1"][0] and rows["1:1"][1].endswith("† without fgsm") and "† without fgsm" in rows["1:3"][0]
     assert "### Adaptive vs non-adaptive attacks" in text and "pgd10 non-adaptive" in text
 
 
