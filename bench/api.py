@@ -304,6 +304,12 @@ class ReportContext:
 
         return delta_text(cfg.flags(label, protocol), base.flags(label, protocol))
 
+    def fewer_attacks_mark(self, cfg, peers: list, threat: str) -> str:
+        """' † without X' when `cfg`'s worst case over `threat` lacks adaptive attacks one of `peers` ran."""
+        from bench.leaderboard import adaptive_attacks, fewer_attacks_mark
+
+        return fewer_attacks_mark(cfg, adaptive_attacks(peers, threat))
+
     def threats(self) -> list[str]:
         out = []
         for c in self.configs:

@@ -9,6 +9,7 @@ overlap rank as ties, and failed or warning sanity checks show as flags linked t
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
     return labels, paper, threats
 
 
+@functools.lru_cache(maxsize=None)
 def _batch_dependent_only(label: str) -> bool:
     from bench import registry
     from bench.errors import BenchError
@@ -189,16 +191,32 @@ def _batch_dependent_only(label: str) -> bool:
         return False
 
 
-def main_table(configs: list[Config]) -> pd.DataFrame:
-    labels, paper_labels, threats = attack_labels(configs)
-    base = base_config(configs)
-    threat_labels: dict[str, list[str]] = defaultdict(list)  # adaptive attacks run on some row, per threat
+def adaptive_attacks(configs: list[Config], threat: str) -> list[str]:
+    """The adaptive attacks of `threat` that any of `configs` ran, in the order first seen."""
+    out: list[str] = []
     for cfg in configs:
         for r in cfg.runs:
             for (label, protocol), c in r.cells.items():
-                if protocol == "adaptive" and label not in threat_labels[c["threat"]]:
-                    threat_labels[c["threat"]].append(label)
-    only_batch_dependent = {lab for labs in threat_labels.values() for lab in labs if _batch_dependent_only(lab)}
+                if protocol == "adaptive" and c["threat"] == threat and label not in out:
+                    out.append(label)
+    return out
+
+
+def fewer_attacks_mark(cfg: Config, attacks: list[str]) -> str:
+    """' † without X, Y' when `cfg` lacks some of `attacks` that apply to it, else ''.
+
+    A worst case over fewer attacks than its neighbours' overstates robustness against them. An attack
+    that only adds something against batch-dependent defenses is not missing from the others.
+    """
+    missing = [lab for lab in attacks if not cfg.flags(lab)
+               and (cfg.runs[0].run["batch_dependent"] or not _batch_dependent_only(lab))]
+    return f" † without {', '.join(missing)}" if missing else ""
+
+
+def main_table(configs: list[Config]) -> pd.DataFrame:
+    labels, paper_labels, threats = attack_labels(configs)
+    base = base_config(configs)
+    threat_labels = {threat: adaptive_attacks(configs, threat) for threat in threats}
     rows = []
     for cfg in configs:
         row = {"Defense": cfg.defense, "Params": distinguishing(cfg, configs)}
@@ -211,10 +229,8 @@ def main_table(configs: list[Config]) -> pd.DataFrame:
         sort_key = None
         for threat in threats:
             text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
-            missing = [lab for lab in threat_labels[threat]
-                       if not cfg.flags(lab) and (cfg.runs[0].run["batch_dependent"] or lab not in only_batch_dependent)]
-            if missing and text != "—":  # a worst case over fewer attacks than other rows is not comparable
-                text += f" † without {', '.join(missing)}"
+            if text != "—":
+                text += fewer_attacks_mark(cfg, threat_labels[threat])
             row[f"Worst ({threat})"] = text
             if sort_key is None:
                 sort_key = (mean, interval)

@@ -157,11 +157,6 @@ def report(rc) -> list[str]:
     if threat:
         grids.append((f"worst:{threat}", "worst", "adaptive", "Robust accuracy, adaptive attacks (worst case)"))
         grids.append(("pgd10", "pgd10", "paper", "PGD-10 accuracy, non-adaptive (paper protocol: surrogate gradients)"))
-    def adaptive_attacks(cfg) -> list[str]:
-        return [label for r in cfg.runs for (label, protocol), c in r.cells.items()
-                if protocol == "adaptive" and c["threat"] == threat]
-
-    grid_attacks = list(dict.fromkeys(label for cfg in shaped for label in adaptive_attacks(cfg)))
     for label, _, protocol, title in grids:
         rows = []
         for tr in train_ratios:
@@ -169,9 +164,8 @@ def report(rc) -> list[str]:
             for ir in infer_ratios:
                 cfg = next((c for c in shaped if c.params.get("train_ratio") == tr and c.params.get("infer_ratio") == ir), None)
                 text = rc.accuracy(cfg, label, protocol)[0] if cfg is not None else "—"
-                missing = [a for a in grid_attacks if a not in adaptive_attacks(cfg)] if cfg is not None else []
-                if label.startswith("worst:") and missing and text != "—":  # fewer attacks: not comparable
-                    text += f" † without {', '.join(missing)}"
+                if label.startswith("worst:") and text != "—":
+                    text += rc.fewer_attacks_mark(cfg, shaped, threat)
                 row.append(text)
             rows.append(row)
         if all(cell == "—" for r in rows for cell in r[1:]):
