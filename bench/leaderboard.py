@@ -9,7 +9,6 @@ overlap rank as ties, and failed or warning sanity checks show as flags linked t
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -180,7 +179,6 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
     return labels, paper, threats
 
 
-@functools.lru_cache(maxsize=None)
 def _batch_dependent_only(label: str) -> bool:
     from bench import registry
     from bench.errors import BenchError
