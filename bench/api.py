@@ -345,11 +345,27 @@ class Context:
         self.quiet = quiet
         self.base_checkpoints = dict(base_checkpoints or {})
         self.log = log or logging.getLogger("bench")
-        # What every cached result of this run depends on besides the defense's own parameters.
-        self.scope = scope if scope is not None else {
-            "data": getattr(data, "fingerprint", ""), "arch": arch, "seed": seed, "precision": precision,
-            "preset": dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else str(preset),
-            "base_checkpoints": sorted(self.base_checkpoints.items())}
+        # What every cached training result of this run depends on besides the defense's own parameters:
+        # not the test images, unless the defense reads them (split("test")).
+        if scope is None:
+            from bench.config import training_scope
+
+            scope = training_scope({
+                "arch": arch, "seed": seed, "precision": precision,
+                "preset": dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else str(preset),
+                "base_checkpoints": sorted(self.base_checkpoints.items())}, getattr(data, "train_fingerprint", ""))
+        self.scope = scope
+
+    def split(self, which: str):
+        """The split a defense selects or monitors on: "val" or "test". Reading the test split puts the
+        test images into the scope of this run's later caches, so a result selected on them never serves
+        a run with other test images. (A plugin that reads `data.test` directly must do the same.)"""
+        if which == "test":
+            self.scope = {**self.scope, "test_data": getattr(self.data, "fingerprint", "")}
+            return self.data.test
+        if which == "val":
+            return self.data.val
+        raise BenchError(f"split must be 'val' or 'test', got '{which}'")
 
     def base(self, recipe: str = "pgd_at") -> torch.nn.Module:
         """The cached base model trained with `recipe` (trained on first use), in eval mode."""
@@ -360,7 +376,8 @@ class Context:
     def cached_model(self, kind: str, identity: dict, model: torch.nn.Module,
                      train: Callable[[], dict]) -> dict:
         """Run `train()` (which trains `model` in place and returns JSON-able info) unless the cache holds
-        its result for `identity` within this run's scope; on a hit, load the weights and return the info.
+        its result for `identity` within this run's scope (data, preset, seed, ... -- every setting but the
+        number of test images); on a hit, load the weights and return the info.
         A defense that trains uses this so sweeps and resumed runs never train the same thing twice."""
         from bench.checkpoints import cached_model
 

@@ -198,6 +198,17 @@ class RunConfig:
         return stable_hash(self.identity())
 
 
+def training_scope(identity: dict, train_fingerprint: str) -> dict:
+    """What a defense's cached training results (weights, memos) depend on besides its own parameters: a
+    run's identity without the test images, so evaluating more or fewer of them reuses the training. A
+    defense that selects on the test split puts it back (`Context.split`)."""
+    scope = {k: v for k, v in identity.items() if k not in ("defense", "params")}
+    if isinstance(scope.get("preset"), dict):
+        scope["preset"] = {k: v for k, v in scope["preset"].items() if k != "n_test"}
+    scope["data"] = train_fingerprint
+    return scope
+
+
 def stable_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -316,7 +316,7 @@ def _context(prep: Prepared, quiet: bool) -> Context:
     return Context(data=prep.data, arch=cfg.arch, device=prep.device, seed=cfg.seed, preset=cfg.preset,
                    cache_dir=Path(cfg.out) / "cache", precision=cfg.precision, quiet=quiet,
                    base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log,
-                   scope={k: v for k, v in cfg.identity().items() if k not in ("defense", "params")})
+                   scope=config_mod.training_scope(cfg.identity(), prep.data.train_fingerprint))
 
 
 def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:

@@ -35,7 +35,7 @@ class _LayerTypeFT(Defense):
     def build(self, ctx: Context) -> Defended:
         p = self.params
         model = copy.deepcopy(ctx.base("pgd_at")).eval()
-        split = ctx.data.val if p.curve_split == "val" else ctx.data.test
+        split = ctx.split(p.curve_split)
         pre = ctx.preset
 
         def evaluate(m: nn.Module) -> dict:

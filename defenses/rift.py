@@ -82,7 +82,7 @@ class RiFT(Defense):
         p = self.params
         base = ctx.base("pgd_at").eval()
         theta_at = copy.deepcopy(base.state_dict())
-        split = ctx.data.val if p.selection == "val" else ctx.data.test
+        split = ctx.split(p.selection)
         if len(split) == 0:
             raise BenchError("rift: the selection split is empty (n_val = 0); use selection=test or --set n_val=N")
         seconds = {}

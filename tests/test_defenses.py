@@ -167,6 +167,27 @@ def test_layer_type_finetuning_leaves_frozen_groups_bit_identical(ctx, name, fro
     assert all(0 <= c["clean"] <= 1 and 0 <= c["pgd10"] <= c["clean"] + 0.05 for c in curve)
 
 
+def test_trained_defense_serves_any_number_of_test_images_unless_it_read_them(out_dir):
+    def built(n_test: int, curve_split: str):
+        ctx = make_ctx(out_dir, sets={"n_test": str(n_test)})
+        return defense("ft_bn", ctx, epochs=1, curve_split=curve_split).build(ctx)
+
+    def cached() -> set[Path]:
+        return set((out_dir / "cache" / "defense").glob("ft_bn-*.pt"))
+
+    before = cached()
+    first = built(128, "val")
+    (trained,) = cached() - before
+    mtime = trained.stat().st_mtime_ns
+    second = built(32, "val")  # fewer test images evaluated: the fine-tuning never read them
+    assert cached() - before == {trained} and trained.stat().st_mtime_ns == mtime
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+    # curves on the test split: the test images are part of what was cached, so other ones train anew
+    built(128, "test")
+    built(32, "test")
+    assert len(cached() - before) == 3
+
+
 # ---------------------------------------------------------------------------------------- fragile features
 
 
