@@ -117,6 +117,9 @@ def large_eps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     return CheckResult("large_eps", "pass", detail)
 
 
+PROBES = ("determinism", "batch_dependence", "gradient_health", "large_eps")
+
+
 def probe(defended, x: torch.Tensor, y: torch.Tensor, eps: float, generator=None) -> list[CheckResult]:
     """Checks 3-6 on one batch of the defended model (the adaptive target)."""
     model = defended.model

@@ -335,11 +335,18 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
     cfg = prep.config
     ctx = _context(prep, quiet)
     defended, build_seconds = _build(prep, ctx)
-    probes = []
-    if cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
+    probes, stored = [], {c["name"]: c for c in store.checks(run_id)}
+    reuse = cfg.checks and all(name in stored for name in checks.PROBES)
+    if reuse:
+        # a resumed run: its probes were taken on this same model and batch (at i9 norm shaping they cost
+        # minutes, as much as an attack)
+        probes = [checks.CheckResult(name, stored[name]["status"], stored[name]["detail"], stored[name]["flag"])
+                  for name in checks.PROBES]
+    elif cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
         x0, y0 = next(prep.data.test.batches(cfg.preset.eval_batch_size))
         probes = checks.probe(defended, x0.to(prep.device), y0.to(prep.device), cfg.preset.eps,
                               ctx.generator("checks:large-eps"))
+    if probes:
         if probes[0].flag == "⚠ undeclared randomness":
             defended.randomized = True
         for c in probes:
@@ -353,7 +360,7 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         "has_surrogate": int(defended.surrogate is not None), "info": defended.info,
         "build_seconds": build_seconds,
     })
-    if probes:
+    if probes and not reuse:
         store.put_checks(run_id, [c.row() for c in probes])
     protocol = _protocol_for(cfg, defended.surrogate is not None)
     test = prep.data.test

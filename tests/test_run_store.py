@@ -26,6 +26,19 @@ def _cells(out):
         store.close()
 
 
+def _probe_times(out) -> dict[str, float]:
+    from bench.checks import PROBES
+
+    store = Store(out, create=False)
+    try:
+        (run,) = store.runs()
+        times = {c["name"]: c["created"] for c in store.checks(run["run_id"]) if c["name"] in PROBES}
+    finally:
+        store.close()
+    assert set(times) == set(PROBES)
+    return times
+
+
 def test_run_stores_per_sample_flags_and_worst_case(bench, out_dir):
     res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "pgd10,fgsm", "--out", out_dir,
                 "--quiet")
@@ -49,9 +62,11 @@ def test_rerun_skips_finished_cells_and_adds_new_ones(bench, out_dir):
     args = ["run", "--preset", "smoke", "--defense", "pgd_at", "--out", out_dir]
     assert bench(*args, "--attacks", "fgsm", "--quiet").code == 0
     first, _ = _cells(out_dir)
+    probed = _probe_times(out_dir)
     res = bench(*args, "--attacks", "fgsm,pgd10")
     assert res.code == 0
     assert "2 of 3 cells already finished, skipped" in res.err
+    assert _probe_times(out_dir) == probed  # the model-level probes are not taken again on resume
     second, _ = _cells(out_dir)
     for key in first:  # finished cells untouched: same timestamp, same flags
         assert second[key]["created"] == first[key]["created"]
