@@ -338,8 +338,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
     probes, stored = [], {c["name"]: c for c in store.checks(run_id)}
     reuse = cfg.checks and all(name in stored for name in checks.PROBES)
     if reuse:
-        # a resumed run: its probes were taken on this same model and batch (at i9 norm shaping they cost
-        # minutes, as much as an attack)
+        # a resumed run: its probes were taken on this same model and batch (on a large batch-dependent
+        # composition they cost minutes, as much as an attack)
         probes = [checks.CheckResult(name, stored[name]["status"], stored[name]["detail"], stored[name]["flag"])
                   for name in checks.PROBES]
     elif cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
