@@ -8,16 +8,23 @@ is trained once however many runs need it at the same time, and non-finite weigh
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from bench import data
+from bench import checkpoints, data, models
 from bench.errors import BenchError
+
+from conftest import REPO
 
 
 def _cifar_copy(tmp_path, cifar10_dir, with_sums: bool):
@@ -127,3 +134,93 @@ def test_more_test_images_than_the_test_set_holds_is_refused():
         data.load("digits", n_test=600)
     with pytest.raises(BenchError, match="n_train must be >= 1"):
         data.load("digits", n_train=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _hammer_saves(path, worker: int, rounds: int, start) -> None:
+    start.wait()
+    for i in range(rounds):
+        checkpoints.save(path, {"w": torch.full((2000,), float(worker * 1000 + i))}, {"worker": worker, "i": i})
+
+
+def test_concurrent_saves_never_leave_or_show_a_checkpoint_with_another_ones_digest(tmp_path):
+    path = tmp_path / "cache" / "base" / "same.pt"
+    checkpoints.save(path, {"w": torch.full((2000,), -1001.0)}, {"worker": -1, "i": -1})
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    writers = [ctx.Process(target=_hammer_saves, args=(path, w, 60, start)) for w in range(3)]
+    for proc in writers:
+        proc.start()
+    start.set()
+    loads, mismatches = 0, []
+    while any(proc.is_alive() for proc in writers):
+        try:
+            ckpt = checkpoints.load(path, require_digest=True)
+        except BenchError as exc:
+            mismatches.append(str(exc))
+            continue
+        loads += 1
+        meta = ckpt["meta"]  # the weights are the ones this metadata was saved with
+        assert float(ckpt["state_dict"]["w"][0]) == meta["worker"] * 1000 + meta["i"]
+    for proc in writers:
+        proc.join()
+        assert proc.exitcode == 0
+    assert not mismatches, f"{len(mismatches)} of {loads + len(mismatches)} loads: {mismatches[0]}"
+    final = checkpoints.load(path, require_digest=True)  # what every later run reads
+    assert final["meta"]["i"] == 59
+    assert loads > 0
+    assert not list(path.parent.glob("*.tmp"))
+
+
+_TRAIN_ONCE = textwrap.dedent("""
+    import logging, sys, time
+    from pathlib import Path
+    sys.path.insert(0, str(Path({tests!r})))
+    from conftest import make_ctx
+    from bench import checkpoints, train
+
+    role, work = sys.argv[1], Path(sys.argv[2])
+
+    def cheap_train(model, *args, **kwargs):
+        with open(work / "trainings", "a") as fh:
+            fh.write(role + "\\n")
+        if role == "first":  # keep training until the second process has asked for the same base
+            deadline = time.time() + 60
+            while not (work / "second-started").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
+        return train.TrainResult(history=[{{"val_clean": 0.5, "val_robust": 0.25}}], best_epoch=1, seconds=0.0)
+
+    checkpoints.train = cheap_train
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ctx = make_ctx(work)
+    if role == "second":
+        (work / "second-started").touch()
+    checkpoints.base_model(ctx, "pgd_at")
+    print("done", role)
+""")
+
+
+def test_two_runs_needing_the_same_base_train_it_once(tmp_path):
+    script = _TRAIN_ONCE.format(tests=str(REPO / "tests"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def start(role):
+        return subprocess.Popen([sys.executable, "-c", script, role, str(tmp_path)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    deadline = time.time() + 120
+    while not (tmp_path / "trainings").exists():  # the first one is training
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = start("second")
+    outs = {role: proc.communicate(timeout=180) for role, proc in (("first", first), ("second", second))}
+    for role, proc in (("first", first), ("second", second)):
+        assert proc.returncode == 0, outs[role][1]
+    assert (tmp_path / "trainings").read_text().split() == ["first"]
+    assert "waiting for another process training" in outs["second"][1]
+    assert "cache hit" in outs["second"][1]
