@@ -80,8 +80,21 @@ def _flock(lock: Path, exclusive: bool, on_wait: Callable[[], None] | None = Non
         yield  # closing the file releases the lock
 
 
+def first_nonfinite(state_dict: dict) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) \
+                and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def save(path: Path, state_dict: dict, meta: dict) -> None:
     path = Path(path)
+    bad = first_nonfinite(state_dict)
+    if bad is not None:  # it would be refused when read back: training diverged
+        raise BenchError(f"{path.name}: the trained weights are not finite (e.g. {bad}); training diverged, "
+                         f"nothing was cached")
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = Path(str(path) + ".sha256")
     tmps = []
@@ -129,13 +142,16 @@ def load(path: Path, *, require_digest: bool) -> dict:
     except Exception as exc:
         raise BenchError(f"checkpoint {path} is corrupt or not a PyTorch state dict "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        return {"state_dict": obj["state_dict"], "meta": obj.get("meta") or {}}
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return {"state_dict": obj["model"], "meta": {}}
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"state_dict": obj, "meta": {}}
-    raise BenchError(f"checkpoint {path} holds no state dict")
+    state, meta = None, {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state, meta = obj["state_dict"], obj.get("meta")
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    elif isinstance(obj, dict):
+        state = obj
+    if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BenchError(f"checkpoint {path} holds no state dict (parameter names mapped to tensors)")
+    return {"state_dict": state, "meta": meta if isinstance(meta, dict) else {}}
 
 
 @contextlib.contextmanager
@@ -168,6 +184,9 @@ def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: 
             parts.append(f"{len(shapes)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs "
                          f"{tuple(own[k].shape)})")
         raise BenchError(f"checkpoint {source} does not fit {arch}: " + ", ".join(parts))
+    bad = first_nonfinite(state)
+    if bad is not None:  # such a model answers at random, which would read as a defense's randomness
+        raise BenchError(f"checkpoint {source} holds non-finite weights (NaN or inf in {bad})")
     model.load_state_dict(state)
 
 

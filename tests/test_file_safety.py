@@ -224,3 +224,49 @@ def test_two_runs_needing_the_same_base_train_it_once(tmp_path):
     assert (tmp_path / "trainings").read_text().split() == ["first"]
     assert "waiting for another process training" in outs["second"][1]
     assert "cache hit" in outs["second"][1]
+
+
+def _nonfinite_state(value: float) -> tuple[dict, str]:
+    """A tiny_cnn state dict for digits whose first weight tensor is all `value`, and that tensor's name."""
+    state = models.build("tiny_cnn", data.DATASETS["digits"]).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], value)
+    return state, name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_user_checkpoint_with_non_finite_weights_is_refused(bench, tmp_path, value):
+    state, name = _nonfinite_state(value)
+    mine = tmp_path / "nan.pt"
+    torch.save(state, mine)
+    res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "fgsm", "--base-checkpoint", mine,
+                "--out", tmp_path / "results", "--quiet")
+    assert res.code == 2, res.err
+    assert f"checkpoint {mine} holds non-finite weights (NaN or inf in {name})" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_non_finite_weights_are_never_cached(tmp_path):
+    path = tmp_path / "diverged.pt"
+    state, name = _nonfinite_state(float("nan"))
+    with pytest.raises(BenchError, match=f"not finite \\(e.g. {name}\\); training diverged, nothing was cached"):
+        checkpoints.save(path, state, {})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["meta not a dict", "numbers for weights", "text for weights", "numbered keys"])
+def test_a_checkpoint_that_is_no_state_dict_is_a_user_error(tmp_path, case):
+    model = models.build("tiny_cnn", data.DATASETS["digits"])
+    state = model.state_dict()
+    obj = {"meta not a dict": {"state_dict": state, "meta": [1]},
+           "numbers for weights": {"state_dict": {k: 1 for k in state}},
+           "text for weights": {"model": {k: "x" for k in state}},
+           "numbered keys": {"state_dict": dict(enumerate(state.values()))}}[case]
+    path = tmp_path / "odd.pt"
+    torch.save(obj, path)
+    if case == "meta not a dict":  # the weights are fine: only the metadata is ignored
+        checkpoints.load_into(model, checkpoints.load(path, require_digest=False), str(path), arch="tiny_cnn",
+                              dataset="digits")
+        return
+    with pytest.raises(BenchError, match="holds no state dict"):
+        checkpoints.load(path, require_digest=False)
