@@ -116,8 +116,8 @@ def save(path: Path, state_dict: dict, meta: dict) -> None:
 def _read_pair(path: Path, sidecar: Path) -> tuple[bytes, str | None]:
     """The checkpoint's bytes and the digest its sidecar gives (None: no sidecar)."""
     expected = None
-    if sidecar.is_file():
-        words = sidecar.read_text().split()
+    if sidecar.is_file():  # bytes that are not text are no digest: the pair differs
+        words = sidecar.read_bytes().decode("ascii", errors="replace").split()
         expected = words[0] if words else ""
     return path.read_bytes(), expected
 
@@ -323,7 +323,7 @@ def memo(ctx, kind: str, identity: dict, compute):
     if path.exists():
         try:
             return json.loads(path.read_text())["value"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # not JSON, or JSON of another shape
             ctx.log.warning("%s: unreadable cache file %s, recomputing", kind, path.name)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)

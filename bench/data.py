@@ -201,7 +201,11 @@ def _verify_sums(folder: Path) -> None:
     for sums in (folder / "SHA256SUMS.tsv", folder.parent / "SHA256SUMS.tsv"):
         if not sums.is_file():
             continue
-        for line in sums.read_text().splitlines()[1:]:
+        try:
+            lines = sums.read_bytes().decode("utf-8").splitlines()[1:]
+        except UnicodeDecodeError:
+            raise BenchError(f"{sums} is not a text file of checksums") from None
+        for line in lines:
             parts = line.split("\t")
             if len(parts) < 4 or not (folder / parts[0]).is_file():
                 continue

@@ -270,3 +270,27 @@ def test_a_checkpoint_that_is_no_state_dict_is_a_user_error(tmp_path, case):
         return
     with pytest.raises(BenchError, match="holds no state dict"):
         checkpoints.load(path, require_digest=False)
+
+
+def test_checksum_files_that_are_not_text_are_user_errors(tmp_path, cifar10_dir):
+    root = _cifar_copy(tmp_path, cifar10_dir, with_sums=True)
+    (root / "SHA256SUMS.tsv").write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(BenchError, match="SHA256SUMS.tsv is not a text file of checksums"):
+        data.load("cifar10", root)
+    path = tmp_path / "cached.pt"
+    checkpoints.save(path, models.build("tiny_cnn", data.DATASETS["digits"]).state_dict(), {})
+    (tmp_path / "cached.pt.sha256").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(BenchError, match="cached.pt is corrupt: its sha256 differs from cached.pt.sha256"):
+        checkpoints.load(path, require_digest=True)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "{not json", "\udcff"])
+def test_a_memo_file_of_another_shape_is_recomputed(tmp_path, content):
+    from conftest import make_ctx
+
+    ctx = make_ctx(tmp_path)
+    assert checkpoints.memo(ctx, "probe", {"a": 1}, lambda: {"x": 1}) == {"x": 1}
+    (path,) = (tmp_path / "cache" / "memo").glob("probe-*.json")
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert checkpoints.memo(ctx, "probe", {"a": 1}, lambda: {"x": 2}) == {"x": 2}
+    assert checkpoints.memo(ctx, "probe", {"a": 1}, lambda: {"x": 3}) == {"x": 2}  # rewritten, read again
