@@ -1,13 +1,19 @@
 """Checkpoint files and the cached base models behind `ctx.base(recipe)`.
 
-Files are written to a temporary name and renamed; a `<file>.sha256` beside each one is written first,
-so a checkpoint that exists always has a digest to be checked against. Loading uses
-`torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
+Files are written to a temporary name and renamed; a `<file>.sha256` beside each one is renamed first,
+so a checkpoint that exists always has a digest to be checked against. The two renames happen under a
+lock on the folder, and a reader that finds a pair that does not match reads it again under that lock:
+concurrent writers never leave, and readers never see, a checkpoint with another one's digest. Loading
+uses `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
+
+Two processes that need the same cached model train it once: the second waits on `<file>.lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -17,6 +23,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no cross-process locking
+    fcntl = None
 
 from bench import models
 from bench.config import stable_hash
@@ -45,18 +56,70 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+# taken, shared or exclusive, around the renames and the re-read of a checkpoint and its digest
+PAIR_LOCK = ".checkpoints.lock"
+
+
+@contextlib.contextmanager
+def _flock(lock: Path, exclusive: bool, on_wait: Callable[[], None] | None = None):
+    """Hold an fcntl lock on the file `lock` (created if needed); without one where it cannot be created."""
+    try:
+        fh = open(lock, "a")
+    except OSError:  # a read-only folder: nobody writes there either
+        yield
+        return
+    with fh:
+        if fcntl is not None:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, mode)
+        yield  # closing the file releases the lock
+
+
+def first_nonfinite(state_dict: dict) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) \
+                and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def save(path: Path, state_dict: dict, meta: dict) -> None:
     path = Path(path)
+    bad = first_nonfinite(state_dict)
+    if bad is not None:  # it would be refused when read back: training diverged
+        raise BenchError(f"{path.name}: the trained weights are not finite (e.g. {bad}); training diverged, "
+                         f"nothing was cached")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+    sidecar = Path(str(path) + ".sha256")
+    tmps = []
     try:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}, tmp)
-        digest = file_sha256(Path(tmp))
-        _write_atomic(Path(str(path) + ".sha256"), lambda t: Path(t).write_text(digest + "\n"))
-        os.replace(tmp, path)
+        for target in (path, sidecar):
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=target.name + ".", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}, tmps[0])
+        Path(tmps[1]).write_text(file_sha256(Path(tmps[0])) + "\n")
+        with _flock(path.parent / PAIR_LOCK, exclusive=True):
+            os.replace(tmps[1], sidecar)
+            os.replace(tmps[0], path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in tmps:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _read_pair(path: Path, sidecar: Path) -> tuple[bytes, str | None]:
+    """The checkpoint's bytes and the digest its sidecar gives (None: no sidecar)."""
+    expected = None
+    if sidecar.is_file():  # bytes that are not text are no digest: the pair differs
+        words = sidecar.read_bytes().decode("ascii", errors="replace").split()
+        expected = words[0] if words else ""
+    return path.read_bytes(), expected
 
 
 def load(path: Path, *, require_digest: bool) -> dict:
@@ -65,24 +128,39 @@ def load(path: Path, *, require_digest: bool) -> dict:
     if not path.is_file():
         raise BenchError(f"checkpoint {path} does not exist")
     sidecar = Path(str(path) + ".sha256")
-    if sidecar.is_file():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
-        if file_sha256(path) != expected:
+    blob, expected = _read_pair(path, sidecar)
+    if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+        # maybe caught between a writer's two renames: read the pair again while no writer can rename
+        with _flock(path.parent / PAIR_LOCK, exclusive=False):
+            blob, expected = _read_pair(path, sidecar)
+        if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
             raise BenchError(f"checkpoint {path} is corrupt: its sha256 differs from {sidecar.name}")
-    elif require_digest:
+    if expected is None and require_digest:
         raise BenchError(f"checkpoint {path} has no {sidecar.name}; delete it to retrain")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # the bytes just checked, not the file again
+        obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BenchError(f"checkpoint {path} is corrupt or not a PyTorch state dict "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        return {"state_dict": obj["state_dict"], "meta": obj.get("meta") or {}}
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return {"state_dict": obj["model"], "meta": {}}
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"state_dict": obj, "meta": {}}
-    raise BenchError(f"checkpoint {path} holds no state dict")
+    state, meta = None, {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state, meta = obj["state_dict"], obj.get("meta")
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    elif isinstance(obj, dict):
+        state = obj
+    if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BenchError(f"checkpoint {path} holds no state dict (parameter names mapped to tensors)")
+    return {"state_dict": state, "meta": meta if isinstance(meta, dict) else {}}
+
+
+@contextlib.contextmanager
+def training_lock(path: Path, log, what: str):
+    """Held from "is it cached?" to "cached": a second process needing the same file waits, then finds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(Path(str(path) + ".lock"), exclusive=True,
+                on_wait=lambda: log.info("%s: waiting for another process training %s", what, path.name)):
+        yield
 
 
 def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: str) -> None:
@@ -106,6 +184,9 @@ def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: 
             parts.append(f"{len(shapes)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs "
                          f"{tuple(own[k].shape)})")
         raise BenchError(f"checkpoint {source} does not fit {arch}: " + ", ".join(parts))
+    bad = first_nonfinite(state)
+    if bad is not None:  # such a model answers at random, which would read as a defense's randomness
+        raise BenchError(f"checkpoint {source} holds non-finite weights (NaN or inf in {bad})")
     model.load_state_dict(state)
 
 
@@ -163,10 +244,25 @@ def base_model(ctx, recipe: str) -> nn.Module:
     if recipe not in RECIPES:
         raise BenchError(f"unknown base recipe '{recipe}'; choose from: {', '.join(RECIPES)}")
     path = base_path(ctx, recipe)
-    if path.exists():
+
+    def cache_hit() -> nn.Module:
         ctx.log.info("base %s: cache hit %s", recipe, path.name)
         load_into(model, load(path, require_digest=True), str(path), arch=ctx.arch, dataset=ctx.data.name)
         return model.eval()
+
+    return _cached_once(path, ctx.log, f"base {recipe}", cache_hit, lambda: _train_base(ctx, recipe, path))
+
+
+def _cached_once(path: Path, log, what: str, cache_hit: Callable[[], Any], train_and_save: Callable[[], Any]):
+    """cache_hit() if `path` is cached, else train_and_save(), which no other process runs meanwhile."""
+    if not path.exists():
+        with training_lock(path, log, what):
+            if not path.exists():  # a process we waited for may have cached it
+                return train_and_save()
+    return cache_hit()
+
+
+def _train_base(ctx, recipe: str, path: Path) -> nn.Module:
     ctx.log.info("base %s: training (%s)", recipe, path.name)
     torch.manual_seed(int(stable_hash([ctx.seed, recipe, "init"])[:8], 16))
     model = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
@@ -205,16 +301,21 @@ def _scoped_key(ctx, kind: str, identity: dict) -> str:
 
 def cached_model(ctx, kind: str, identity: dict, model: nn.Module, train_fn) -> dict:
     path = ctx.cache_dir / "defense" / f"{kind}-{_scoped_key(ctx, kind, identity)}.pt"
-    if path.exists():
+
+    def cache_hit() -> dict:
         ckpt = load(path, require_digest=True)
         load_into(model, ckpt, str(path), arch=ctx.arch, dataset=ctx.data.name)
         ctx.log.info("%s: cache hit %s", kind, path.name)
         return json.loads(ckpt["meta"]["info"])
-    info = train_fn()
-    # info goes in as JSON text: weights_only loading accepts plain containers, and JSON keeps it so
-    save(path, model.state_dict(), {"arch": ctx.arch, "dataset": ctx.data.name, "kind": kind,
-                                    "info": json.dumps(info, default=_plain)})
-    return json.loads(json.dumps(info, default=_plain))
+
+    def train_and_save() -> dict:
+        info = train_fn()
+        # info goes in as JSON text: weights_only loading accepts plain containers, and JSON keeps it so
+        save(path, model.state_dict(), {"arch": ctx.arch, "dataset": ctx.data.name, "kind": kind,
+                                        "info": json.dumps(info, default=_plain)})
+        return json.loads(json.dumps(info, default=_plain))
+
+    return _cached_once(path, ctx.log, kind, cache_hit, train_and_save)
 
 
 def memo(ctx, kind: str, identity: dict, compute):
@@ -222,7 +323,7 @@ def memo(ctx, kind: str, identity: dict, compute):
     if path.exists():
         try:
             return json.loads(path.read_text())["value"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # not JSON, or JSON of another shape
             ctx.log.warning("%s: unreadable cache file %s, recomputing", kind, path.name)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,9 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, n_train: int |
     `n_test` test images."""
     if name not in DATASETS:
         raise unknown("dataset", name, DATASETS)
+    for key, value in (("n_train", n_train), ("n_test", n_test)):
+        if value is not None and value < 1:
+            raise BenchError(f"{key} must be >= 1 (or none for all images), got {value}")
     if name == "digits":
         (xtr, ytr), (xte, yte), digest = _load_digits()
     else:
@@ -123,6 +126,9 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, n_train: int |
     train = Split(xtr, ytr)
     test = Split(xte, yte)
     if n_test is not None:
+        # fewer images than asked would be evaluated and stored under the asked-for n_test
+        if n_test > len(test):
+            raise BenchError(f"n_test={n_test} but the {name} test set has {len(test)} images")
         test = test.subset(slice(0, n_test))
     fp = hashlib.sha256(f"{digest}:{n_train}:{n_val}:{len(test)}".encode()).hexdigest()[:16]
     train_fp = hashlib.sha256(f"{digest}:{n_train}:{n_val}".encode()).hexdigest()[:16]
@@ -195,7 +201,11 @@ def _verify_sums(folder: Path) -> None:
     for sums in (folder / "SHA256SUMS.tsv", folder.parent / "SHA256SUMS.tsv"):
         if not sums.is_file():
             continue
-        for line in sums.read_text().splitlines()[1:]:
+        try:
+            lines = sums.read_bytes().decode("utf-8").splitlines()[1:]
+        except UnicodeDecodeError:
+            raise BenchError(f"{sums} is not a text file of checksums") from None
+        for line in lines:
             parts = line.split("\t")
             if len(parts) < 4 or not (folder / parts[0]).is_file():
                 continue
@@ -204,24 +214,77 @@ def _verify_sums(folder: Path) -> None:
         return
 
 
-def _unpickle(path: Path, label_key: str, size: int) -> tuple[np.ndarray, list]:
+# The only globals the official CIFAR python files reference: numpy's array pickling, as numpy 1 (the
+# official files) and numpy 2 write it. Any other global in a data file could run code while it is read.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+
+
+class _ForeignGlobal(Exception):
+    pass
+
+
+def _latin1_bytes(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    # how Python 3 writes bytes at pickle protocol 2 (a subset saved that way); no other codec is run
+    if encoding != "latin1" or not isinstance(text, str):
+        raise _ForeignGlobal(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _ForeignGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, label_key: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, size, size) uint8 and labels (N,) int64 of one batch file, checked."""
     if not path.is_file():
         raise BenchError(f"data file {path} is missing")
     try:
         with open(path, "rb") as fh:
-            raw = pickle.load(fh, encoding="bytes")
-        batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        labels = list(batch[label_key])
-        data = data.reshape(len(data), 3, size, size)
-    except BenchError:
-        raise
+            raw = _CifarUnpickler(fh, encoding="bytes").load()
+    except _ForeignGlobal as exc:
+        raise BenchError(f"data file {path} is not a CIFAR data file (it references {exc}, which the official "
+                         f"files never do); it was not loaded") from None
     except Exception as exc:
         raise BenchError(f"data file {path} is corrupt or not in the CIFAR pickle layout "
                          f"({type(exc).__name__}: {exc})") from None
+
+    def refuse(why: str) -> BenchError:
+        return BenchError(f"data file {path} is not in the CIFAR pickle layout ({why})")
+
+    if not isinstance(raw, dict):
+        raise refuse(f"it holds a {type(raw).__name__}, not a dict")
+    batch = {(k.decode(errors="replace") if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    for key in ("data", label_key):
+        if key not in batch:
+            raise refuse(f"no '{key}' entry")
+    data = batch["data"]
+    # object arrays can carry arbitrary objects; the official files hold uint8 pixels only
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        kind = f"an array of {data.dtype}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise refuse(f"'data' is {kind}, expected a uint8 array")
+    if data.shape[1:] not in ((3 * size * size,), (3, size, size)):
+        raise refuse(f"'data' has shape {data.shape}, expected (images, {3 * size * size}) for 3x{size}x{size} "
+                     f"images")
+    if len(data) == 0:
+        raise BenchError(f"data file {path} holds no images")
+    labels = batch[label_key]
+    labels = np.asarray(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise refuse(f"'{label_key}' is not a list of integers")
     if len(labels) != len(data):
         raise BenchError(f"data file {path} is corrupt: {len(data)} images but {len(labels)} labels")
-    return data, labels
+    return data.reshape(len(data), 3, size, size), labels.astype(np.int64)
 
 
 def _load_cifar(name: str, data_dir):
@@ -233,7 +296,7 @@ def _load_cifar(name: str, data_dir):
     for files in (train_files, test_files):
         parts = [_unpickle(folder / f, label_key, 32) for f in files]
         x = np.concatenate([p[0] for p in parts])
-        y = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+        y = np.concatenate([p[1] for p in parts])
         if y.min() < 0 or y.max() >= DATASETS[name].num_classes:
             raise BenchError(f"{folder}: labels outside 0..{DATASETS[name].num_classes - 1}")
         digest.update(x.tobytes())
