@@ -26,7 +26,8 @@ def unknown(kind: str, word: str, choices) -> BenchError:
 _OS_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
                errno.ENAMETOOLONG: "file name too long", errno.ENOTDIR: "part of the path is not a directory",
-               errno.EISDIR: "is a directory", errno.EEXIST: "a file is in the way"}
+               errno.EISDIR: "is a directory", errno.EFBIG: "file too large (a size limit was reached)",
+               errno.EEXIST: "a file is in the way"}
 
 
 def os_reason(exc: OSError) -> str:

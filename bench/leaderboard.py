@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +367,18 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
         raise BenchError(f"cannot write the leaderboard to {dest} ({os_reason(exc)}: {exc.filename or dest})") from None
 
 
+def _replace_file(content: str | pd.DataFrame, path: Path) -> None:
+    """Write `content` (text, or a table as CSV) to `path` whole or not at all: a write that fails (full
+    disk) leaves the previous file as it was."""
+    text = content.to_csv(index=False) if isinstance(content, pd.DataFrame) else content
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
     from bench import registry
     from bench.api import ReportContext
@@ -380,12 +393,12 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
             pd.DataFrame([{**{k: v for k, v in numbers(c, threats, labels).items() if not isinstance(v, (dict, list))},
                            **{f"acc_{k}": v for k, v in numbers(c, threats, labels)["attacks"].items()},
                            **{f"worst_{k}": v for k, v in numbers(c, threats, labels)["worst_case"].items()},
-                           "params": params_text(c.params)} for c in configs]).to_csv(path, index=False)
+                           "params": params_text(c.params)} for c in configs]).pipe(_replace_file, path)
             written.append(path)
             continue
         if fmt == "json":
             path = dest / f"{stem}.json"
-            path.write_text(json.dumps([numbers(c, threats, labels) for c in configs], indent=1))
+            _replace_file(json.dumps([numbers(c, threats, labels) for c in configs], indent=1), path)
             written.append(path)
             continue
         path = dest / f"{stem}.md"
@@ -415,7 +428,7 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
             except Exception as exc:
                 raise BenchError(f"report '{name}' failed on {stem}: {type(exc).__name__}: {exc}") from exc
         text += checks_section(configs)
-        path.write_text("\n".join(text))
+        _replace_file("\n".join(text), path)
         written.append(path)
         written += rc.figures
     return written
