@@ -126,6 +126,8 @@ class Store:
                 finally:
                     self.conn.rollback()
             return
+        if not writing and not all(os.access(p, os.W_OK) for p in (self.path, self.path.parent)):
+            return  # a reader may not upgrade a read-only older database: it reads it as it is
         with self.conn:  # upgrade; re-checked under the write lock against a concurrent bench
             self.conn.execute("BEGIN IMMEDIATE")
             if self._check_schema():
