@@ -351,6 +351,9 @@ class _GuardedCursor:
     def close(self) -> None:
         self._cursor.close()
 
+    def __getattr__(self, name: str):  # rowcount, lastrowid, description
+        return getattr(self._cursor, name)
+
 
 def _unpack_checked(path: Path, cell: dict, where: str) -> np.ndarray:
     """The cell's flags, refusing a blob that does not hold exactly its n flags, `correct` of them true."""
