@@ -320,7 +320,9 @@ class ReportContext:
         return out
 
     def figure(self, name: str) -> Path:
-        path = self.dest / f"{self.stem}-{name}.png"
+        from bench.errors import check_safe_name
+
+        path = self.dest / f"{self.stem}-{check_safe_name(name, 'figure name')}.png"
         self.figures.append(path)
         return path
 

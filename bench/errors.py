@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import re
 
 
 class BenchError(Exception):
@@ -19,3 +21,27 @@ def unknown(kind: str, word: str, choices) -> BenchError:
     choices = sorted(choices)
     return BenchError(f"unknown {kind} '{word}'{did_you_mean(word, choices)}; "
                       f"choose from: {', '.join(choices)}")
+
+
+_OS_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.ENAMETOOLONG: "file name too long", errno.ENOTDIR: "part of the path is not a directory",
+               errno.EISDIR: "is a directory", errno.EFBIG: "file too large (a size limit was reached)",
+               errno.EEXIST: "a file is in the way"}
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong, in a few words a user can act on ('disk full', 'permission denied', ...)."""
+    return _OS_REASONS.get(exc.errno, exc.strerror or str(exc))
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def check_safe_name(value: object, what: str) -> str:
+    """`value` as a file-name part: letters, digits, '_', '.', '-', not starting with '.' or '-' (so never
+    '..' or a path), at most 100 characters. Names read from files are checked like user input."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise BenchError(f"{what} {value!r} is not a safe file name (letters, digits, '_', '.', '-'; "
+                         f"no leading '.' or '-', at most 100 characters)")
+    return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from bench.stats import intervals_overlap, mcnemar, mean_std, wilson
 from bench.store import Store
 
 BASE_DEFENSE = "pgd_at"
+KEY = ("dataset", "arch", "preset")  # one file per value of these run fields
 CLEAN = "clean"
 
 
@@ -344,18 +346,44 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
 
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
+    from bench.errors import BenchError, check_safe_name, os_reason
+    from bench.runner import check_writable
+
+    if fmt not in ("md", "csv", "json"):
+        raise BenchError(f"format must be md, csv or json, got '{fmt}'")
+    dest = check_writable(dest, "--dest", writes=())
+    groups: dict[tuple, list[Config]] = defaultdict(list)
+    for cfg in load(store):
+        run = cfg.runs[0].run
+        # file names are made of these: a hostile database must not name a path outside dest
+        key = tuple(check_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
+        groups[key].append(cfg)
+    if not groups:
+        raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        return _write_groups(groups, dest, source, version, fmt)
+    except OSError as exc:
+        raise BenchError(f"cannot write the leaderboard to {dest} ({os_reason(exc)}: {exc.filename or dest})") from None
+
+
+def _replace_file(content: str | pd.DataFrame, path: Path) -> None:
+    """Write `content` (text, or a table as CSV) to `path` whole or not at all: a write that fails (full
+    disk) leaves the previous file as it was."""
+    text = content.to_csv(index=False) if isinstance(content, pd.DataFrame) else content
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
     from bench import registry
     from bench.api import ReportContext
     from bench.errors import BenchError
 
-    if fmt not in ("md", "csv", "json"):
-        raise BenchError(f"format must be md, csv or json, got '{fmt}'")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    groups: dict[tuple, list[Config]] = defaultdict(list)
-    for cfg in load(store):
-        run = cfg.runs[0].run
-        groups[(run["dataset"], run["arch"], run["preset"])].append(cfg)
     written = []
     for (dataset, arch, preset), configs in sorted(groups.items()):
         stem = f"{dataset}-{arch}-{preset}"
@@ -365,12 +393,12 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
             pd.DataFrame([{**{k: v for k, v in numbers(c, threats, labels).items() if not isinstance(v, (dict, list))},
                            **{f"acc_{k}": v for k, v in numbers(c, threats, labels)["attacks"].items()},
                            **{f"worst_{k}": v for k, v in numbers(c, threats, labels)["worst_case"].items()},
-                           "params": params_text(c.params)} for c in configs]).to_csv(path, index=False)
+                           "params": params_text(c.params)} for c in configs]).pipe(_replace_file, path)
             written.append(path)
             continue
         if fmt == "json":
             path = dest / f"{stem}.json"
-            path.write_text(json.dumps([numbers(c, threats, labels) for c in configs], indent=1))
+            _replace_file(json.dumps([numbers(c, threats, labels) for c in configs], indent=1), path)
             written.append(path)
             continue
         path = dest / f"{stem}.md"
@@ -395,12 +423,12 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
         for name in registry.names("report"):
             try:
                 text += registry.load("report", name)(rc) or []
-            except BenchError:
+            except (BenchError, OSError):  # a full disk is not the report's fault
                 raise
             except Exception as exc:
                 raise BenchError(f"report '{name}' failed on {stem}: {type(exc).__name__}: {exc}") from exc
         text += checks_section(configs)
-        path.write_text("\n".join(text))
+        _replace_file("\n".join(text), path)
         written.append(path)
         written += rc.figures
     return written

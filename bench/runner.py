@@ -22,9 +22,9 @@ import torch
 from bench import checkpoints, checks, config as config_mod, data as data_mod, registry
 from bench.api import Attack, Context, Defended, Defense, resolve_params
 from bench.config import AttackSpec, RunConfig, stable_hash
-from bench.errors import BenchError
+from bench.errors import BenchError, os_reason
 from bench.evaluate import CellResult, attack_cell, clean_cell
-from bench.store import Store
+from bench.store import DB_NAME, Store
 from bench.train import resolve_precision
 
 log = logging.getLogger("bench")
@@ -144,17 +144,36 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_writable(out: str) -> Path:
-    """Fail early on an unwritable results directory without creating it: a command that stops on a later
-    mistake (a sweep's second job, say) must leave no empty folder behind."""
+def check_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
+    """Fail early, before any work, on an output directory that cannot take what the command writes:
+    the directory itself (without creating it: a command that stops on a later mistake, a sweep's second
+    job say, must leave no empty folder behind), and `writes`, the files and folders under it that
+    already exist (a folder: every folder inside it)."""
+    if not str(out).strip():
+        raise BenchError(f"{what} is empty; give a path")
     path = Path(out).expanduser()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise BenchError(f"output directory {path} is not writable ({existing} is not a directory)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BenchError(f"output directory {path} is not writable (permission denied on {existing})")
+    try:
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise BenchError(f"{what} {path} is not writable ({existing} is not a directory)")
+        # the files written under it must fit in a path: leave room for one more file name
+        if len(os.fsencode(path.absolute())) + 255 >= os.pathconf(existing, "PC_PATH_MAX"):
+            raise BenchError(f"{what} {path} is not writable (path too long for the files it will hold)")
+        targets = [existing]
+        for target in (path / rel for rel in writes if existing == path):
+            if target.is_dir():
+                targets += [Path(root) for root, _, _ in os.walk(target)]
+            elif target.exists():
+                if not target.is_file():
+                    raise BenchError(f"{what} {path} is not writable ({target} is not a file)")
+                targets.append(target)
+    except OSError as exc:
+        raise BenchError(f"{what} {path} is not usable ({os_reason(exc)})") from None
+    for target in targets:
+        if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            raise BenchError(f"{what} {path} is not writable (permission denied on {target})")
     return path
 
 

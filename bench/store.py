@@ -7,7 +7,10 @@ in progress and a re-run skips every finished one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import sqlite3
 import time
 from contextlib import closing
@@ -16,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from bench.errors import BenchError
+from bench.errors import BenchError, os_reason
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,6 +70,13 @@ CREATE TABLE IF NOT EXISTS checks (
 """
 
 DB_NAME = "results.sqlite"
+# PRAGMA user_version of a database this code writes: bump it with every table or column added to SCHEMA
+# (a new column also goes into ADDED_COLUMNS), so that an older bnbench refuses the newer file instead of
+# misreading it. Databases from before versioning (user_version 0: runs, cells, checks) are upgraded.
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x626E6231  # "bnb1" in the file header: this SQLite file is a bnbench results database
+# columns that databases of an earlier version may lack, and how to add them
+ADDED_COLUMNS = {("checks", "flag"): "ALTER TABLE checks ADD COLUMN flag TEXT NOT NULL DEFAULT ''"}
 
 
 def pack(flags: np.ndarray) -> bytes:
@@ -79,26 +89,85 @@ def unpack(blob: bytes, n: int) -> np.ndarray:
 
 class Store:
     def __init__(self, out_dir: str | Path, *, create: bool = True) -> None:
+        if not str(out_dir).strip():
+            raise BenchError("results directory is empty; give --out a path")
         self.path = Path(out_dir) / DB_NAME
         if not create and not self.path.is_file():
             raise BenchError(f"no results in {Path(out_dir)} (no {DB_NAME}); run `bench run` first")
         try:
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=60)
-            self.conn.row_factory = sqlite3.Row
-            if create:
-                with self.conn:
-                    self.conn.executescript(SCHEMA)
-                    columns = {r[1] for r in self.conn.execute("PRAGMA table_info(checks)")}
-                    if "flag" not in columns:  # databases written before checks had flags
-                        self.conn.execute("ALTER TABLE checks ADD COLUMN flag TEXT NOT NULL DEFAULT ''")
-            else:
-                self.conn.execute("SELECT 1 FROM cells LIMIT 1")
-        except sqlite3.DatabaseError as exc:
-            raise BenchError(f"results database {self.path} is unreadable ({exc})") from None
+            conn = sqlite3.connect(self.path, timeout=60)
+        except sqlite3.Error as exc:
+            raise db_error(self.path, exc) from None
         except OSError as exc:
-            raise BenchError(f"output directory {self.path.parent} is not writable ({exc.strerror or exc})") from None
+            raise BenchError(f"output directory {self.path.parent} is not writable ({os_reason(exc)})") from None
+        conn.row_factory = sqlite3.Row
+        self.conn = _Guarded(conn, self.path)
+        try:
+            self._open(writing=create)
+        except BenchError:
+            conn.close()
+            raise
+
+    def _open(self, *, writing: bool) -> None:
+        """Refuse a corrupt or foreign database before touching it; bring one of ours up to SCHEMA_VERSION
+        (a writer also proves here, before any work, that it can write)."""
+        problem = self.conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":
+            problem = " ".join(problem.replace("*** in database main ***", "").split())
+            raise BenchError(f"results database {self.path} is corrupt ({problem}); nothing was written to it. "
+                             f"Move it away (`sqlite3 {self.path} .recover` may save its intact rows)")
+        if not self._check_schema():
+            if writing:  # a write that is rolled back: fails now on a read-only file, directory or disk
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                finally:
+                    self.conn.rollback()
+            return
+        if not writing and not all(os.access(p, os.W_OK) for p in (self.path, self.path.parent)):
+            return  # a reader may not upgrade a read-only older database: it reads it as it is
+        with self.conn:  # upgrade; re-checked under the write lock against a concurrent bench
+            self.conn.execute("BEGIN IMMEDIATE")
+            if self._check_schema():
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                tables = _tables(self.conn)
+                for (table, column), ddl in ADDED_COLUMNS.items():
+                    if column not in tables[table]:
+                        self.conn.execute(ddl)
+                self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _check_schema(self) -> bool:
+        """Raise unless this is a bnbench database this code can read; True if it needs an upgrade."""
+        where = f"results database {self.path}"
+        app = self.conn.execute("PRAGMA application_id").fetchone()[0]
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if app not in (0, APPLICATION_ID):
+            raise BenchError(f"{where} belongs to another application (application_id {app}); "
+                             f"nothing was changed. Use another --out")
+        if version > SCHEMA_VERSION:
+            raise BenchError(f"{where} was written by a newer bnbench (schema version {version}, this one "
+                             f"reads up to {SCHEMA_VERSION}); nothing was changed. Upgrade bnbench")
+        ours, objects = _expected_schema()
+        tables = _tables(self.conn)
+        extra = sorted(f"{kind} '{name}'" for kind, name in _objects(self.conn) - objects)
+        if extra:
+            raise BenchError(f"{where} is not a bnbench results database (it has {', '.join(extra)}); "
+                             f"nothing was changed. Use another --out")
+        for table, columns in tables.items():
+            foreign = [c for c in columns if c not in ours[table] or ours[table][c] != columns[c]]
+            lacking = [c for c in ours[table] if c not in columns and (table, c) not in ADDED_COLUMNS]
+            if foreign or lacking:
+                what = (f"has column(s) {', '.join(foreign)} that bnbench's has not" if foreign
+                        else f"lacks column(s) {', '.join(lacking)}")
+                raise BenchError(f"{where} is not a bnbench results database (its table '{table}' {what}); "
+                                 f"nothing was changed. Use another --out")
+        return (version < SCHEMA_VERSION or app != APPLICATION_ID or set(tables) != set(ours)
+                or any(set(tables[t]) != set(ours[t]) for t in tables))
 
     def close(self) -> None:
         self.conn.close()
@@ -148,7 +217,7 @@ class Store:
         for r in self.conn.execute("SELECT * FROM runs ORDER BY created"):
             d = dict(r)
             for key in ("params", "config", "info"):
-                d[key] = json.loads(d[key])
+                d[key] = _loads(self.path, d[key], f"runs.{key} of run {d['run_id']}")
             out.append(d)
         return out
 
@@ -160,14 +229,150 @@ class Store:
         with closing(self.conn.execute(query + " ORDER BY created", args)) as cur:
             for r in cur:
                 d = dict(r)
-                d["params"], d["extra"] = json.loads(d["params"]), json.loads(d["extra"])
-                d["flags"] = unpack(d["flags"], d["n"])
+                where = f"cell {d['attack']} of run {d['run_id']}"
+                d["params"], d["extra"] = _loads(self.path, d["params"], where), _loads(self.path, d["extra"], where)
+                d["flags"] = _unpack_checked(self.path, d, where)
                 out.append(d)
         return out
 
     def checks(self, run_id: str) -> list[dict]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM checks WHERE run_id=? ORDER BY name",
                                                    (run_id,))]
+
+
+def _tables(conn) -> dict[str, dict[str, str]]:
+    """table -> {column: declared type} of every table in the database."""
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' "
+                                        "AND name NOT LIKE 'sqlite_%'").fetchall()]
+    return {t: {r[1]: r[2].upper() for r in conn.execute(f"PRAGMA table_info('{t}')").fetchall()} for t in names}
+
+
+def _objects(conn) -> set[tuple[str, str]]:
+    """(type, name) of every table, index, view and trigger but SQLite's own."""
+    return {(r[0], r[1]) for r in conn.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+            .fetchall()}
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_schema() -> tuple[dict[str, dict[str, str]], set[tuple[str, str]]]:
+    """The tables and objects of a database made by SCHEMA, read back from one made in memory."""
+    with closing(sqlite3.connect(":memory:")) as conn:
+        conn.executescript(SCHEMA)
+        return _tables(conn), _objects(conn)
+
+
+_DB_REASONS = [  # (SQLite result code, its message before Python 3.11 named codes, what to tell the user)
+    ("SQLITE_FULL", "is full", "disk full; free space and re-run the command (finished cells are kept)"),
+    ("SQLITE_READONLY", "readonly", "read-only; make the file and its directory writable"),
+    ("SQLITE_BUSY", "is locked", "locked by another process; re-run when it is done"),
+    ("SQLITE_LOCKED", "is locked", "locked by another process; re-run when it is done"),
+    ("SQLITE_CORRUPT", "malformed", "corrupt; move it away (`sqlite3 FILE .recover` may save its intact rows)"),
+    ("SQLITE_NOTADB", "not a database", "not an SQLite database; move it away or use another --out"),
+    ("SQLITE_CANTOPEN", "unable to open", "cannot be opened; check that it is a file in a writable directory"),
+    ("SQLITE_IOERR", "I/O error", "I/O error while reading or writing it"),
+    ("SQLITE_PERM", "access permission denied", "permission denied"),
+]
+
+
+def db_error(path: Path, exc: sqlite3.Error) -> BenchError:
+    """One line naming the file and what to do, for any error SQLite reports on it."""
+    code = getattr(exc, "sqlite_errorname", None)
+    reason = next((r for name, text, r in _DB_REASONS
+                   if (code.startswith(name) if code else text in str(exc))), "failed")
+    if reason.startswith(("I/O", "cannot")) and not all(os.access(p, os.W_OK) for p in (path, path.parent)
+                                                         if p.exists()):
+        reason = _DB_REASONS[1][2]  # a write refused by the OS, not a broken disk: say read-only
+    return BenchError(f"results database {path}: {reason.replace('FILE', str(path))} ({exc})")
+
+
+class _Guarded:
+    """The sqlite3 connection of a Store, with every SQLite or OS error turned into db_error's one line:
+    every query and commit of every Store method goes through it, and a failed write is rolled back, so
+    a full disk or a read-only file costs only the cell being written."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn, self._path = conn, path
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            raise db_error(self._path, exc) from None
+        except OSError as exc:
+            raise BenchError(f"results database {self._path}: {os_reason(exc)} ({exc})") from None
+
+    def execute(self, *args) -> "_GuardedCursor":
+        return _GuardedCursor(self._call(self._conn.execute, *args), self)
+
+    def executemany(self, *args) -> "_GuardedCursor":
+        return _GuardedCursor(self._call(self._conn.executemany, *args), self)
+
+    def commit(self) -> None:
+        self._call(self._conn.commit)
+
+    def rollback(self) -> None:
+        self._call(self._conn.rollback)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "_Guarded":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                self.commit()
+        finally:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.rollback()
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+class _GuardedCursor:
+    def __init__(self, cursor: sqlite3.Cursor, guard: _Guarded) -> None:
+        self._cursor, self._guard = cursor, guard
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._guard._call(self._cursor.__next__)
+
+    def fetchone(self):
+        return self._guard._call(self._cursor.fetchone)
+
+    def fetchall(self):
+        return self._guard._call(self._cursor.fetchall)
+
+    def close(self) -> None:
+        self._cursor.close()
+
+    def __getattr__(self, name: str):  # rowcount, lastrowid, description
+        return getattr(self._cursor, name)
+
+
+def _unpack_checked(path: Path, cell: dict, where: str) -> np.ndarray:
+    """The cell's flags, refusing a blob that does not hold exactly its n flags, `correct` of them true."""
+    blob, n = cell["flags"], cell["n"]
+    if not isinstance(blob, bytes) or not isinstance(n, int) or len(blob) != (n + 7) // 8:
+        raise BenchError(f"results database {path} is corrupt: the flags of {where} do not hold its n={n!r} "
+                         f"samples; move it away")
+    flags = unpack(blob, n)
+    if int(flags.sum()) != cell["correct"]:
+        raise BenchError(f"results database {path} is corrupt: the flags of {where} disagree with its "
+                         f"count of correct samples; move it away")
+    return flags
+
+
+def _loads(path: Path, text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise BenchError(f"results database {path} is corrupt: {where} is not JSON; move it away") from None
 
 
 def _jsonable(obj: Any) -> Any:
