@@ -219,7 +219,9 @@ class Attack(_Plugin):
     @property
     def threat(self) -> str:
         """The threat model this attack reports under; worst cases are taken per threat model."""
-        return f"{self.norm} eps={self.eps:.4g}"
+        from bench.config import exact_text
+
+        return f"{self.norm} eps={exact_text(self.eps)}"  # exact: worst cases are grouped by this text
 
     order: ClassVar[int] = 50  # position in `--attacks all` (cheap first)
     in_all: ClassVar[bool] = True  # part of `--attacks all`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -158,11 +159,20 @@ class AttackSpec:
     def label(self) -> str:
         if not self.params:
             return self.name
-        return self.name + "[" + ",".join(f"{k}={_short(v)}" for k, v in self.params) + "]"
+        return self.name + "[" + ",".join(f"{k}={exact_text(v)}" for k, v in self.params) + "]"
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def exact_text(value: Any) -> str:
+    """Text that reads back as exactly `value`: cells are keyed by it and worst cases grouped by it, so two
+    budgets that differ in any digit never share a result. A float is written k/255 when it is exactly that
+    and shorter (8/255, not 0.03137254901960784), else as Python's shortest round-trip repr (0.050004)."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)
+    text = repr(value)
+    k = round(value * 255)
+    if k and k / 255 == value and len(f"{k}/255") < len(text):
+        return f"{k}/255"
+    return text
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,25 @@ def test_run_id_is_stable_and_ignores_where_results_go():
     d = dataclasses.replace(a, preset=dataclasses.replace(preset, epochs_pgd_at=3))
     assert a.run_id == b.run_id
     assert len({a.run_id, c.run_id, d.run_id}) == 3
+
+
+def test_cell_keys_and_threats_are_exact():
+    from bench.api import convert
+    from bench.registry import load
+    from bench.runner import Request, prepare
+
+    def labels(attacks):
+        prep = prepare(Request(defense="standard", attacks=attacks, preset="smoke", device="cpu", out="unused"))
+        return [(spec.label, attack.threat) for spec, attack in prep.attacks]
+
+    (a, a_threat), (b, b_threat) = labels("pgd10[eps=0.05],pgd10[eps=0.050004]")
+    assert a == "pgd10[eps=0.05]" and b == "pgd10[eps=0.050004]"  # 4 significant digits would merge them
+    assert a_threat == "Linf eps=0.05" and b_threat == "Linf eps=0.050004"  # two worst cases, not one
+    assert labels("pgd10") == [("pgd10", "Linf eps=0.1")]  # the default budget: the name alone
+    # readable where exact: a budget on the 8-bit grid reads k/255, and every text reads back to its value
+    for eps, text in ((8 / 255, "8/255"), (16 / 255, "16/255"), (0.2, "0.2"), (0.1, "0.1"), (1 / 7, repr(1 / 7))):
+        assert config.exact_text(eps) == text
+        assert convert("eps", Param(0.1, "eps"), text) == eps
+        assert load("attack", "pgd10")(eps=eps).threat == f"Linf eps={text}"
+    assert config.AttackSpec("pgd10", (("eps", 4 / 255), ("steps", 20))).label == "pgd10[eps=4/255,steps=20]"
+
