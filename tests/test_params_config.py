@@ -58,7 +58,7 @@ def test_preset_overrides_are_typed_and_checked():
     assert config.override_preset(p, {"n_test": "100", "eps": "16/255"}).n_test == 100
     with pytest.raises(BenchError, match="did you mean 'n_test'"):
         config.override_preset(p, {"n_tset": "3"})
-    with pytest.raises(BenchError, match="eps must be > 0"):
+    with pytest.raises(BenchError, match="preset field 'eps' must be > 0"):
         config.override_preset(p, {"eps": "0"})
     with pytest.raises(BenchError, match="unknown preset 'quik' \\(did you mean 'quick'"):
         config.get_preset("quik")
@@ -94,3 +94,12 @@ def test_cell_keys_and_threats_are_exact():
         assert load("attack", "pgd10")(eps=eps).threat == f"Linf eps={text}"
     assert config.AttackSpec("pgd10", (("eps", 4 / 255), ("steps", 20))).label == "pgd10[eps=4/255,steps=20]"
 
+
+def test_empty_string_and_infinite_int_are_user_errors():
+    from bench.api import convert
+
+    with pytest.raises(BenchError, match="parameter 'tag' expects a non-empty str"):
+        convert("tag", Param("x", "tag"), " ")  # `--param tag=`
+    with pytest.raises(BenchError, match="parameter 'steps' expects int"):
+        convert("steps", Param(10, "steps"), float("inf"))  # TOML `steps = inf`
+    assert convert("extra", SPECS["extra"], "") == ()  # an empty tuple is a value
