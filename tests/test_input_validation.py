@@ -202,3 +202,26 @@ def test_seed_bound():
     for bad in (2**63, -1, True, 1.0, "3"):
         with pytest.raises(BenchError, match="0..2\\*\\*63-1"):
             config.check_seed(bad)
+
+
+def test_sigint_during_training_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", "--preset", "smoke", "--defense", "standard",
+                             "--out", str(tmp_path / "r")], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in proc.stderr:
+            if "base standard: training" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    assert rest.strip().splitlines()[-1] == \
+        "bench: interrupted; finished cells are stored, re-run the command to resume"
+    assert "Traceback" not in rest
