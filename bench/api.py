@@ -67,8 +67,9 @@ def _parse_number(text: str, kind: type) -> Any:
     return kind(text)
 
 
-def convert(name: str, spec: Param, value: Any) -> Any:
-    """Turn a CLI string (or a TOML/Python value) into the parameter's type and check its range."""
+def convert(name: str, spec: Param, value: Any, what: str = "parameter") -> Any:
+    """Turn a CLI string (or a TOML/Python value) into the parameter's type and check its range. `what`
+    names the kind of setting in errors (a plugin parameter, a preset field)."""
     if value is None and spec.default is None:  # "not set": the plugin derives it (e.g. alpha = eps/4)
         return None
     kind = spec.type
@@ -101,22 +102,25 @@ def convert(name: str, spec: Param, value: Any) -> Any:
                 value = float(value)
         elif value is not None:
             value = kind(value)
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise BenchError(f"parameter '{name}' expects {kind.__name__}, got {value!r}") from None
+            if kind is str and not value.strip():  # `--param key=` is a slip, not a name
+                raise ValueError(value)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):  # OverflowError: int(inf) from TOML
+        raise BenchError(f"{what} '{name}' expects {'a non-empty ' if kind is str else ''}{kind.__name__}, "
+                         f"got {value!r}") from None
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
         if spec.choices and v not in spec.choices:
-            raise BenchError(f"parameter '{name}' must be one of {', '.join(map(str, spec.choices))}, "
+            raise BenchError(f"{what} '{name}' must be one of {', '.join(map(str, spec.choices))}, "
                              f"got {v!r}{did_you_mean(str(v), map(str, spec.choices))}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if isinstance(v, float) and not math.isfinite(v):
-                raise BenchError(f"parameter '{name}' must be finite, got {v}")
+                raise BenchError(f"{what} '{name}' must be finite, got {v}")
             if spec.above is not None and not v > spec.above:
-                raise BenchError(f"parameter '{name}' must be > {spec.above}, got {v}")
+                raise BenchError(f"{what} '{name}' must be > {spec.above}, got {v}")
             if spec.low is not None and v < spec.low:
-                raise BenchError(f"parameter '{name}' must be >= {spec.low}, got {v}")
+                raise BenchError(f"{what} '{name}' must be >= {spec.low}, got {v}")
             if spec.high is not None and v > spec.high:
-                raise BenchError(f"parameter '{name}' must be <= {spec.high}, got {v}")
+                raise BenchError(f"{what} '{name}' must be <= {spec.high}, got {v}")
     return value
 
 
@@ -219,7 +223,9 @@ class Attack(_Plugin):
     @property
     def threat(self) -> str:
         """The threat model this attack reports under; worst cases are taken per threat model."""
-        return f"{self.norm} eps={self.eps:.4g}"
+        from bench.config import exact_text
+
+        return f"{self.norm} eps={exact_text(self.eps)}"  # exact: worst cases are grouped by this text
 
     order: ClassVar[int] = 50  # position in `--attacks all` (cheap first)
     in_all: ClassVar[bool] = True  # part of `--attacks all`

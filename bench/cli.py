@@ -105,7 +105,7 @@ def run_cmd(**opts) -> None:
 
 
 def _seeds(opts: dict) -> list[int | None]:
-    if not opts.get("seeds"):
+    if opts.get("seeds") is None:
         return [None]
     if opts.get("seed") is not None:
         raise BenchError("give --seed or --seeds, not both")
@@ -113,16 +113,18 @@ def _seeds(opts: dict) -> list[int | None]:
         seeds = [int(s) for s in opts["seeds"].split(",") if s.strip()]
     except ValueError:
         raise BenchError(f"--seeds expects comma-separated integers, got '{opts['seeds']}'") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise BenchError(f"--seeds expects non-negative integers, got '{opts['seeds']}'")
-    return list(dict.fromkeys(seeds))
+    if not seeds:
+        raise BenchError(f"--seeds expects comma-separated integers, got '{opts['seeds']}'")
+    return list(dict.fromkeys(config_mod.check_seed(s, "each of --seeds") for s in seeds))
 
 
 def request_from(opts: dict):
     from bench.runner import Request, parse_assignments, parse_attack_params
 
     req = Request(command="bench " + shlex.join(_argv))
-    if opts.get("config_file"):
+    if opts.get("config_file") is not None:
+        if not opts["config_file"].strip():
+            raise BenchError("--config must not be empty")
         path = opts["config_file"]
         conf = config_mod.read_toml(path)
         config_mod.check_toml_keys(conf, path)
@@ -138,12 +140,15 @@ def request_from(opts: dict):
     for key in ("defense", "attacks", "preset", "dataset", "data_dir", "arch", "device", "out", "precision",
                 "protocol"):
         if opts.get(key) is not None:
+            if key != "attacks" and not opts[key].strip():  # `--dataset ""` must not mean the preset's
+                raise BenchError(f"--{key.replace('_', '-')} must not be empty")
             setattr(req, key, opts[key])
     if opts.get("seed") is not None:
         try:
             req.seed = int(opts["seed"])
         except ValueError:
             raise BenchError(f"seed must be an integer, got '{opts['seed']}'") from None
+    config_mod.check_seed(req.seed)
     req.params.update(parse_assignments(opts.get("params"), "--param"))
     for name, values in parse_attack_params(opts.get("attack_params")).items():
         req.attack_params.setdefault(name, {}).update(values)
@@ -152,6 +157,8 @@ def request_from(opts: dict):
         recipe, sep, path = item.partition("=")
         if not sep:
             recipe, path = "pgd_at", item
+        if not path.strip():
+            raise BenchError(f"--base-checkpoint '{item}' names no file")
         req.base_checkpoints[recipe.strip()] = path.strip()
     if opts.get("no_checks"):
         req.checks = False
@@ -210,12 +217,12 @@ def check_cmd(**opts) -> None:
     from bench import runner
 
     _setup_logging(opts["quiet"])
+    if opts["n"] is not None and opts["n"] < 1:
+        raise BenchError(f"--n must be >= 1, got {opts['n']}")
     opts["attacks"] = ",".join(runner.CHECK_ATTACKS)
     req = request_from(opts)
     prep = runner.prepare(req)
-    n = opts["n"] or prep.config.preset.eval_batch_size
-    if n < 1:
-        raise BenchError(f"--n must be >= 1, got {n}")
+    n = opts["n"] if opts["n"] is not None else prep.config.preset.eval_batch_size
     results = runner.check(prep, n, quiet=req.quiet)
     click.echo(f"checks of {req.defense} on the first {min(n, len(prep.data.test))} test images")
     click.echo(tabulate([[r.name, r.status, r.detail] for r in results], headers=["check", "status", "detail"],
@@ -288,10 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"bench: error: {exc.format_message()}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("bench: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("bench: interrupted; finished cells are stored, re-run the command to resume", err=True)
         sys.exit(130)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.errors import BenchError, did_you_mean, unknown
 
@@ -61,6 +62,25 @@ class Preset:
                 "trades": self.epochs_trades, "fgsm_rs": self.epochs_fgsm_rs}
 
 
+# The valid values of every field a user may set (`--set`, TOML `set`), as bench.api.Param bounds: low/high
+# inclusive, above exclusive, choices. What depends on the dataset or on another field is checked by
+# `concrete`: crop_pad below the image size, n_val_robust <= n_val, eps_l2 within the image cube's diameter.
+LIMITS: dict[str, dict] = {
+    "n_train": dict(low=2), "n_val": dict(low=1),  # no validation images: no checkpoint can be selected
+    "n_test": dict(low=1), "batch_size": dict(low=2),  # a training batch of one image is skipped (train-mode BN)
+    "eval_batch_size": dict(low=1), "crop_pad": dict(low=0), "flip": {},
+    "eps": dict(above=0, high=1), "eps_l2": dict(above=0), "alpha": dict(above=0, high=1), "pgd_steps": dict(low=1),
+    "epochs_standard": dict(low=1), "epochs_pgd_at": dict(low=1), "epochs_trades": dict(low=1),
+    "epochs_fgsm_rs": dict(low=1), "lr": dict(above=0), "lr_fgsm_rs": dict(above=0),
+    "schedule": dict(choices=("step", "cosine")), "momentum": dict(low=0, high=1), "weight_decay": dict(low=0),
+    "n_val_robust": dict(low=1), "ft_epochs": dict(low=1), "ft_lr": dict(above=0), "mrc_samples": dict(low=1),
+    "mrc_passes": dict(low=1),
+}
+# Fields that name the preset and its defaults: chosen by their own options, so the stored run always says
+# what ran (a `--set dataset=` would be stored while the data came from the preset's dataset).
+NOT_SET = {"name": "--preset", "dataset": "--dataset (TOML: dataset = ...)", "arch": "--arch (TOML: arch = ...)"}
+
+
 PRESETS: dict[str, Preset] = {
     # smoke: tests. eps 0.1 instead of digits' 0.2 so a tiny CNN reaches non-trivial robustness in 10
     # epochs (83.6% clean / 53.1% PGD-10), which the fine-tuning defenses' tests need.
@@ -97,25 +117,38 @@ def get_preset(name: str) -> Preset:
 
 
 def concrete(preset: Preset, spec) -> Preset:
-    """Fill the threat model and augmentation left open with the dataset's standard values."""
+    """Fill the threat model and augmentation left open with the dataset's standard values, and check the
+    limits that depend on the dataset or on another field."""
     eps = preset.eps if preset.eps is not None else spec.eps
-    return replace(preset, eps=eps,
-                   eps_l2=preset.eps_l2 if preset.eps_l2 is not None else spec.eps_l2,
-                   alpha=preset.alpha if preset.alpha is not None else eps / 4,
-                   crop_pad=preset.crop_pad if preset.crop_pad is not None else spec.crop_pad,
-                   flip=preset.flip if preset.flip is not None else spec.flip)
+    out = replace(preset, eps=eps,
+                  eps_l2=preset.eps_l2 if preset.eps_l2 is not None else spec.eps_l2,
+                  alpha=preset.alpha if preset.alpha is not None else eps / 4,
+                  crop_pad=preset.crop_pad if preset.crop_pad is not None else spec.crop_pad,
+                  flip=preset.flip if preset.flip is not None else spec.flip)
+    if out.crop_pad >= spec.size:  # reflect padding needs a pad smaller than the image
+        raise BenchError(f"crop_pad must be < {spec.size} (the image size of this dataset), got {out.crop_pad}")
+    diameter = math.sqrt(spec.channels * spec.size * spec.size)
+    if out.eps_l2 > diameter:
+        raise BenchError(f"eps_l2 must be <= {diameter:.4g} (the L2 diameter of this dataset's image cube: a "
+                         f"larger ball holds every image), got {out.eps_l2}")
+    if out.n_val_robust > out.n_val:
+        raise BenchError(f"n_val_robust ({out.n_val_robust}) must be <= n_val ({out.n_val}): only validation "
+                         f"images are attacked to select checkpoints; set both")
+    return out
 
 
 def override_preset(preset: Preset, values: dict[str, Any]) -> Preset:
-    """Apply `--set key=value` / TOML [preset] overrides with type checks."""
+    """Apply `--set key=value` / TOML `set` overrides, each converted to its field's type and checked
+    against its declared range (LIMITS)."""
+    names = [f.name for f in fields(Preset) if f.name not in NOT_SET]
     kinds = {f.name: f for f in fields(Preset)}
     changes = {}
     for key, raw in values.items():
-        if key not in kinds or key == "name":
-            raise BenchError(f"preset has no field '{key}'{did_you_mean(key, kinds)}")
-        current = getattr(preset, key)
-        kind = type(current) if current is not None else _field_kind(kinds[key])
-        changes[key] = _coerce(key, raw, kind)
+        if key in NOT_SET:
+            raise BenchError(f"'{key}' is not set with --set or [set]: use {NOT_SET[key]}")
+        if key not in kinds:
+            raise BenchError(f"preset has no field '{key}'{did_you_mean(key, names)}")
+        changes[key] = _coerce(key, raw, kinds[key])
     return replace(preset, **changes) if changes else preset
 
 
@@ -127,23 +160,14 @@ def _field_kind(f: dataclasses.Field) -> type:
     return str
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
+def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
     from bench.api import Param, convert
 
-    if isinstance(raw, str) and raw.strip().lower() == "none":
+    if raw is None or isinstance(raw, str) and raw.strip().lower() == "none":
+        if "None" not in str(f.type):
+            raise BenchError(f"preset field '{key}' cannot be none")
         return None
-    low = 0 if kind in (int, float) else None
-    value = convert(key, Param(None, key, kind=kind, low=low), raw)
-    if key in ("eps", "eps_l2", "alpha", "lr", "lr_fgsm_rs", "ft_lr") and value is not None and value <= 0:
-        raise BenchError(f"{key} must be > 0, got {value}")
-    if key in ("batch_size", "eval_batch_size", "pgd_steps", "n_test", "mrc_samples", "mrc_passes") \
-            and value is not None and value < 1:
-        raise BenchError(f"{key} must be >= 1, got {value}")
-    if key == "eps" and value is not None and value > 1:
-        raise BenchError(f"eps must be <= 1 on [0,1] images, got {value}")
-    if key == "schedule" and value not in ("step", "cosine"):
-        raise BenchError(f"schedule must be step or cosine, got {value!r}")
-    return value
+    return convert(key, Param(None, key, kind=_field_kind(f), **LIMITS[key]), raw, what="preset field")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,11 +182,20 @@ class AttackSpec:
     def label(self) -> str:
         if not self.params:
             return self.name
-        return self.name + "[" + ",".join(f"{k}={_short(v)}" for k, v in self.params) + "]"
+        return self.name + "[" + ",".join(f"{k}={exact_text(v)}" for k, v in self.params) + "]"
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def exact_text(value: Any) -> str:
+    """Text that reads back as exactly `value`: cells are keyed by it and worst cases grouped by it, so two
+    budgets that differ in any digit never share a result. A float is written k/255 when it is exactly that
+    and shorter (8/255, not 0.03137254901960784), else as Python's shortest round-trip repr (0.050004)."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)
+    text = repr(value)
+    k = round(value * 255)
+    if k and k / 255 == value and len(f"{k}/255") < len(text):
+        return f"{k}/255"
+    return text
 
 
 @dataclass(frozen=True)
@@ -221,15 +254,76 @@ def read_toml(path: str | Path) -> dict:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise BenchError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise BenchError(f"config file {path} is a directory") from None
+    except OSError as exc:
+        raise BenchError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-TOML_KEYS = {"defense", "params", "attacks", "attack_params", "preset", "dataset", "data_dir", "arch",
-             "device", "seed", "out", "precision", "protocol", "set", "base_checkpoint", "checks"}
+MAX_SEED = 2**63 - 1  # seeds are stored as SQLite integers (signed 64-bit)
+
+
+def check_seed(value: Any, what: str = "seed") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise BenchError(f"{what} must be an integer in 0..2**63-1, got {value!r}")
+    return value
+
+
+# The declared type of every key of a TOML file: (what an error calls it, the test a value passes).
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool))
+
+
+def _list_of(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and all(test(i) for i in v)
+
+
+def _table_of(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, dict) and all(test(i) for i in v.values())
+
+
+def _either(*tests: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: any(t(v) for t in tests)
+
+
+_name = lambda v: isinstance(v, str) and bool(v.strip())  # noqa: E731
+NAME = ("a non-empty string", _name)
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+SEED = ("an integer", _is_int)
+NAMES = ("a string or a list of strings", _either(_name, _list_of(_name)))
+SEEDS = ("an integer or a list of integers", _either(_is_int, _list_of(_is_int)))
+_value = _either(_is_scalar, _list_of(_is_scalar))  # a tuple parameter takes a list
+VALUES = ("a table of values (a value: string, number, boolean or a list of them)", _table_of(_value))
+GRID = ("a table of lists of values (grid = { k = [1, 2] })", _table_of(_either(_value, _list_of(_value))))
+SETS = ("a table of values (string, number or boolean)", _table_of(_is_scalar))
+ATTACK_PARAMS = ("a table of tables of values (attack_params.pgd10 = { steps = 20 })",
+                 _table_of(_table_of(_value)))
+CHECKPOINTS = ("a path or a table of recipe = path", _either(_name, _table_of(_name)))
+CELLS = ("a list of tables ([[cells]])", _list_of(lambda v: isinstance(v, dict)))
+TOML_KEYS = {"defense": NAME, "params": VALUES, "attacks": NAMES, "attack_params": ATTACK_PARAMS, "preset": NAME,
+             "dataset": NAME, "data_dir": NAME, "arch": NAME, "device": NAME, "seed": SEED, "out": NAME,
+             "precision": NAME, "protocol": NAME, "set": SETS, "base_checkpoint": CHECKPOINTS, "checks": BOOL}
+
+
+def check_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:
+    """Every key known and of its declared type: a wrong value is one clear error, never a crash later."""
+    for key, value in table.items():
+        if key not in kinds:
+            raise BenchError(f"{where}: unknown key '{key}'{did_you_mean(key, kinds)}")
+        text, test = kinds[key]
+        if not test(value):
+            shown = repr(value)
+            raise BenchError(f"{where}: '{key}' must be {text}, got "
+                             f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
 
 
 def check_toml_keys(conf: dict, path: str) -> None:
-    for key in conf:
-        if key not in TOML_KEYS:
-            raise BenchError(f"config file {path}: unknown key '{key}'{did_you_mean(key, TOML_KEYS)}")
+    check_toml(conf, TOML_KEYS, f"config file {path}")

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -137,10 +138,12 @@ def attack_items(attacks: Any) -> list[str]:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise BenchError(f"device must be cpu or cuda, got '{device}'")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        raise BenchError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"device '{device}' requested but CUDA is not available here")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise BenchError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(device)
 
 
@@ -205,6 +208,8 @@ def _load_data(dataset: str, data_dir: str | None, n_train, n_val, n_test) -> da
 def prepare(req: Request) -> Prepared:
     if not req.defense:
         raise BenchError("no defense given (use --defense NAME; `bench list` shows them)")
+    if not str(req.out).strip():  # "" would be the current directory
+        raise BenchError("--out must not be empty")
     if req.protocol not in ("adaptive", "paper"):
         raise BenchError(f"protocol must be adaptive or paper, got '{req.protocol}'")
     defense_cls = registry.load("defense", req.defense)
@@ -232,8 +237,7 @@ def prepare(req: Request) -> Prepared:
         raise unknown("architecture", arch, models.ARCHS)
     device = resolve_device(req.device)
     precision = resolve_precision(req.precision, device)
-    if not isinstance(req.seed, int) or req.seed < 0:
-        raise BenchError(f"seed must be a non-negative integer, got {req.seed!r}")
+    config_mod.check_seed(req.seed)
 
     params = resolve_params(f"defense '{req.defense}'", defense_cls.PARAMS, req.params, preset)
     defense = defense_cls(**params)
@@ -254,6 +258,14 @@ def prepare(req: Request) -> Prepared:
     out = check_writable(req.out)
     data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
                       preset.n_test)
+    if len(data.train) < 2:  # training skips a batch of one image (train-mode BN): nothing would be learnt
+        raise BenchError(f"{dataset}: {len(data.train)} training image(s) left after n_val={preset.n_val}; "
+                         f"lower n_val or raise n_train")
+    # a cap beyond the data would be stored as if it had taken effect (use none for all images)
+    for field_name, have in (("n_train", len(data.train) + len(data.val)), ("n_test", len(data.test))):
+        if getattr(preset, field_name) is not None and getattr(preset, field_name) > have:
+            raise BenchError(f"{field_name}={getattr(preset, field_name)} but {dataset} has {have} such images "
+                             f"(--set {field_name}=none takes them all)")
     bases = []
     for recipe, path in sorted(req.base_checkpoints.items()):
         if recipe not in checkpoints.RECIPES:

@@ -25,11 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import config as config_mod
-from bench.errors import BenchError, did_you_mean
+from bench.errors import BenchError
 
-TOP_KEYS = {"preset", "dataset", "data_dir", "arch", "device", "precision", "out", "attacks", "seeds",
-            "protocols", "set", "checks", "cells"}
-CELL_KEYS = {"defense", "params", "grid", "attacks", "seeds", "protocols", "set", "preset", "dataset", "data_dir", "arch"}
+_T = config_mod.TOML_KEYS
+TOP_KEYS = {**{k: _T[k] for k in ("preset", "dataset", "data_dir", "arch", "device", "precision", "out", "attacks",
+                                  "set", "checks")},
+            "seeds": config_mod.SEEDS, "protocols": config_mod.NAMES, "cells": config_mod.CELLS}
+CELL_KEYS = {**{k: TOP_KEYS[k] for k in ("attacks", "seeds", "protocols", "set", "preset", "dataset", "data_dir",
+                                         "arch")},
+             "defense": _T["defense"], "params": _T["params"], "grid": config_mod.GRID}
 
 
 @dataclass
@@ -38,42 +42,34 @@ class Job:
     label: str
 
 
-def _check_keys(table: dict, allowed: set, where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise BenchError(f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}")
-
-
-def _as_list(value, what: str) -> list:
-    if isinstance(value, list):
-        return value
-    if isinstance(value, (str, int)):
-        return [value]
-    raise BenchError(f"{what} must be a list, got {value!r}")
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> list[Job]:
     from bench.runner import Request
 
     conf = config_mod.read_toml(path)
-    _check_keys(conf, TOP_KEYS, str(path))
+    config_mod.check_toml(conf, TOP_KEYS, str(path))
     cells = conf.get("cells")
-    if not isinstance(cells, list) or not cells:
+    if not cells:
         raise BenchError(f"{path}: no [[cells]] to run")
+    if out is not None and not out.strip():
+        raise BenchError("--out must not be empty")
     out_dir = out or conf.get("out", "results")
     result = []
     for i, cell in enumerate(cells, start=1):
         where = f"{path}, cell {i}"
-        _check_keys(cell, CELL_KEYS, where)
+        config_mod.check_toml(cell, CELL_KEYS, where)
         if "defense" not in cell:
             raise BenchError(f"{where}: no defense")
         merged = {**{k: v for k, v in conf.items() if k != "cells"}, **cell}
-        grid = cell.get("grid", {})
-        if not isinstance(grid, dict):
-            raise BenchError(f"{where}: grid must be a table of lists")
-        axes = [(k, _as_list(v, f"{where}: grid.{k}")) for k, v in grid.items()]
-        seeds = _as_list(merged.get("seeds", [0]), f"{where}: seeds")
-        protocols = _as_list(merged.get("protocols", ["adaptive"]), f"{where}: protocols")
+        axes = [(k, _as_list(v)) for k, v in cell.get("grid", {}).items()]
+        seeds = [config_mod.check_seed(s, f"{where}: each of seeds") for s in _as_list(merged.get("seeds", [0]))]
+        protocols = _as_list(merged.get("protocols", ["adaptive"]))
+        for what, values in [("seeds", seeds), ("protocols", protocols)] + [(f"grid.{k}", v) for k, v in axes]:
+            if not values:  # an empty list would silently drop every run of this cell
+                raise BenchError(f"{where}: {what} is an empty list")
         attacks = merged.get("attacks", ["pgd10", "fgsm"])
         attacks = ",".join(attacks) if isinstance(attacks, list) else str(attacks)
         for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
@@ -83,9 +79,9 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
                     req = Request(defense=cell["defense"], params=dict(params), attacks=attacks,
                                   preset=merged.get("preset", config_mod.DEFAULT_PRESET), dataset=merged.get("dataset"),
                                   data_dir=merged.get("data_dir"), arch=merged.get("arch"),
-                                  device=merged.get("device", "auto"), seed=int(seed), out=out_dir,
+                                  device=merged.get("device", "auto"), seed=seed, out=out_dir,
                                   precision=merged.get("precision", "auto"), protocol=protocol,
-                                  sets=dict(merged.get("set", {})), checks=bool(merged.get("checks", True)),
+                                  sets=dict(merged.get("set", {})), checks=merged.get("checks", True),
                                   quiet=quiet)
                     req.command = equivalent_command(req)
                     label = f"{cell['defense']}" + "".join(f" {k}={v}" for k, v in params.items()) + \

@@ -58,7 +58,7 @@ CASES = {
                        "unknown preset 'smok' (did you mean 'smoke'?)"),
     "unknown param": (lambda t: ["--defense", "pgd_at", "--param", "epochs=3"], "has no parameter 'epochs'"),
     "malformed param": (lambda t: ["--defense", "pgd_at", "--param", "epochs"], "malformed --param 'epochs'"),
-    "eps zero": (lambda t: ["--defense", "pgd_at", "--set", "eps=0"], "eps must be > 0"),
+    "eps zero": (lambda t: ["--defense", "pgd_at", "--set", "eps=0"], "preset field 'eps' must be > 0"),
     "attack eps negative": (lambda t: ["--defense", "pgd_at", "--attacks", "pgd10", "--attack-param",
                                        "pgd10.eps=-0.1"], "parameter 'eps' must be > 0"),
     "missing data dir": (lambda t: ["--defense", "pgd_at", "--dataset", "cifar10", "--data-dir", t / "nowhere"],
@@ -71,7 +71,7 @@ CASES = {
                               "does not fit tiny_cnn"),
     "missing checkpoint": (lambda t: ["--defense", "pgd_at", "--base-checkpoint", t / "none.pt"], "does not exist"),
     "bad seed": (lambda t: ["--defense", "pgd_at", "--seed", "x"], "seed must be an integer"),
-    "bad device": (lambda t: ["--defense", "pgd_at", "--device", "tpu"], "device must be cpu or cuda"),
+    "bad device": (lambda t: ["--defense", "pgd_at", "--device", "tpu"], "device must be cpu, cuda, cuda:N or auto"),
     "missing config": (lambda t: ["--defense", "pgd_at", "--config", t / "none.toml"], "config file not found"),
 }
 

@@ -58,7 +58,7 @@ def test_preset_overrides_are_typed_and_checked():
     assert config.override_preset(p, {"n_test": "100", "eps": "16/255"}).n_test == 100
     with pytest.raises(BenchError, match="did you mean 'n_test'"):
         config.override_preset(p, {"n_tset": "3"})
-    with pytest.raises(BenchError, match="eps must be > 0"):
+    with pytest.raises(BenchError, match="preset field 'eps' must be > 0"):
         config.override_preset(p, {"eps": "0"})
     with pytest.raises(BenchError, match="unknown preset 'quik' \\(did you mean 'quick'"):
         config.get_preset("quik")
@@ -72,3 +72,34 @@ def test_run_id_is_stable_and_ignores_where_results_go():
     d = dataclasses.replace(a, preset=dataclasses.replace(preset, epochs_pgd_at=3))
     assert a.run_id == b.run_id
     assert len({a.run_id, c.run_id, d.run_id}) == 3
+
+
+def test_cell_keys_and_threats_are_exact():
+    from bench.api import convert
+    from bench.registry import load
+    from bench.runner import Request, prepare
+
+    def labels(attacks):
+        prep = prepare(Request(defense="standard", attacks=attacks, preset="smoke", device="cpu", out="unused"))
+        return [(spec.label, attack.threat) for spec, attack in prep.attacks]
+
+    (a, a_threat), (b, b_threat) = labels("pgd10[eps=0.05],pgd10[eps=0.050004]")
+    assert a == "pgd10[eps=0.05]" and b == "pgd10[eps=0.050004]"  # 4 significant digits would merge them
+    assert a_threat == "Linf eps=0.05" and b_threat == "Linf eps=0.050004"  # two worst cases, not one
+    assert labels("pgd10") == [("pgd10", "Linf eps=0.1")]  # the default budget: the name alone
+    # readable where exact: a budget on the 8-bit grid reads k/255, and every text reads back to its value
+    for eps, text in ((8 / 255, "8/255"), (16 / 255, "16/255"), (0.2, "0.2"), (0.1, "0.1"), (1 / 7, repr(1 / 7))):
+        assert config.exact_text(eps) == text
+        assert convert("eps", Param(0.1, "eps"), text) == eps
+        assert load("attack", "pgd10")(eps=eps).threat == f"Linf eps={text}"
+    assert config.AttackSpec("pgd10", (("eps", 4 / 255), ("steps", 20))).label == "pgd10[eps=4/255,steps=20]"
+
+
+def test_empty_string_and_infinite_int_are_user_errors():
+    from bench.api import convert
+
+    with pytest.raises(BenchError, match="parameter 'tag' expects a non-empty str"):
+        convert("tag", Param("x", "tag"), " ")  # `--param tag=`
+    with pytest.raises(BenchError, match="parameter 'steps' expects int"):
+        convert("steps", Param(10, "steps"), float("inf"))  # TOML `steps = inf`
+    assert convert("extra", SPECS["extra"], "") == ()  # an empty tuple is a value
