@@ -116,19 +116,22 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, n_train: int |
         (xtr, ytr), (xte, yte), digest = _load_digits()
     else:
         (xtr, ytr), (xte, yte), digest = _load_cifar(name, data_dir)
+    # a cap beyond the data would be stored as if it had taken effect
+    for key, value, have, split in (("n_train", n_train, len(ytr), "training"), ("n_test", n_test, len(yte), "test")):
+        if value is not None and value > have:
+            raise BenchError(f"{key}={value} but the {name} {split} set has {have} images "
+                             f"(--set {key}=none takes them all)")
     if n_train is not None:
         xtr, ytr = xtr[:n_train], ytr[:n_train]
-    if n_val >= len(ytr):
-        raise BenchError(f"{name}: n_val={n_val} leaves no training images (train has {len(ytr)})")
+    if len(ytr) - n_val < 2:  # training skips a batch of one image (train-mode BN): nothing would be learnt
+        raise BenchError(f"{name}: {max(len(ytr) - n_val, 0)} training image(s) left after n_val={n_val} "
+                         f"(of {len(ytr)}); lower n_val or raise n_train")
     # The validation split never depends on the run seed: every run of a leaderboard shares it.
     perm = torch.from_numpy(np.random.default_rng(12345).permutation(len(ytr)))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     train = Split(xtr, ytr)
     test = Split(xte, yte)
     if n_test is not None:
-        # fewer images than asked would be evaluated and stored under the asked-for n_test
-        if n_test > len(test):
-            raise BenchError(f"n_test={n_test} but the {name} test set has {len(test)} images")
         test = test.subset(slice(0, n_test))
     fp = hashlib.sha256(f"{digest}:{n_train}:{n_val}:{len(test)}".encode()).hexdigest()[:16]
     train_fp = hashlib.sha256(f"{digest}:{n_train}:{n_val}".encode()).hexdigest()[:16]

@@ -153,7 +153,7 @@ def check_writable(out: str, what: str = "output directory", writes: tuple[str, 
     job say, must leave no empty folder behind), and `writes`, the files and folders under it that
     already exist (a folder: every folder inside it)."""
     if not str(out).strip():
-        raise BenchError(f"{what} is empty; give a path")
+        raise BenchError(f"{what} must not be empty (\"\" would be the current directory); give a path")
     path = Path(out).expanduser()
     try:
         existing = path
@@ -208,8 +208,6 @@ def _load_data(dataset: str, data_dir: str | None, n_train, n_val, n_test) -> da
 def prepare(req: Request) -> Prepared:
     if not req.defense:
         raise BenchError("no defense given (use --defense NAME; `bench list` shows them)")
-    if not str(req.out).strip():  # "" would be the current directory
-        raise BenchError("--out must not be empty")
     if req.protocol not in ("adaptive", "paper"):
         raise BenchError(f"protocol must be adaptive or paper, got '{req.protocol}'")
     defense_cls = registry.load("defense", req.defense)
@@ -258,14 +256,6 @@ def prepare(req: Request) -> Prepared:
     out = check_writable(req.out)
     data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
                       preset.n_test)
-    if len(data.train) < 2:  # training skips a batch of one image (train-mode BN): nothing would be learnt
-        raise BenchError(f"{dataset}: {len(data.train)} training image(s) left after n_val={preset.n_val}; "
-                         f"lower n_val or raise n_train")
-    # a cap beyond the data would be stored as if it had taken effect (use none for all images)
-    for field_name, have in (("n_train", len(data.train) + len(data.val)), ("n_test", len(data.test))):
-        if getattr(preset, field_name) is not None and getattr(preset, field_name) > have:
-            raise BenchError(f"{field_name}={getattr(preset, field_name)} but {dataset} has {have} such images "
-                             f"(--set {field_name}=none takes them all)")
     bases = []
     for recipe, path in sorted(req.base_checkpoints.items()):
         if recipe not in checkpoints.RECIPES:

@@ -90,7 +90,7 @@ def unpack(blob: bytes, n: int) -> np.ndarray:
 class Store:
     def __init__(self, out_dir: str | Path, *, create: bool = True) -> None:
         if not str(out_dir).strip():
-            raise BenchError("results directory is empty; give --out a path")
+            raise BenchError("--out must not be empty (\"\" would be the current directory); give a path")
         self.path = Path(out_dir) / DB_NAME
         if not create and not self.path.is_file():
             raise BenchError(f"no results in {Path(out_dir)} (no {DB_NAME}); run `bench run` first")

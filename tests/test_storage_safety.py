@@ -236,9 +236,9 @@ def test_output_path_longer_than_the_os_allows(bench, results, tmp_path):
 
 def test_empty_output_paths_are_refused(bench, results, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _one_line_exit_2(bench(*RUN, "--out", ""), "is empty")
-    _one_line_exit_2(bench("leaderboard", "--out", "", "--dest", tmp_path / "lb"), "is empty")
-    _one_line_exit_2(bench("leaderboard", "--out", results, "--dest", ""), "is empty")
+    _one_line_exit_2(bench(*RUN, "--out", ""), "must not be empty")
+    _one_line_exit_2(bench("leaderboard", "--out", "", "--dest", tmp_path / "lb"), "must not be empty")
+    _one_line_exit_2(bench("leaderboard", "--out", results, "--dest", ""), "must not be empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
