@@ -4,12 +4,10 @@ way of getting it wrong is one clear error (BenchError, exit 2), never an Attrib
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
-import torch
 
-from bench.api import Attack, Context, Defended, Defense, Param, resolve_params
+from bench.api import Attack, Defended, Defense, Param, resolve_params
 from bench.errors import BenchError
 from conftest import PLUGINS, make_distribution
 
