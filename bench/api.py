@@ -1,15 +1,19 @@
 """The plugin contract: Defense, Attack, Defended, Context, and the Param declarations they share.
 
-Third-party packages subclass `Defense` / `Attack`, declare their keyword parameters in `PARAMS`, and
-register the class under the entry-point groups `bench.defenses` / `bench.attacks`.
+Third-party packages subclass `Defense` / `Attack`, declare their keyword parameters in `PARAMS` or as
+keyword arguments of their `__init__`, and register the class under the entry-point groups
+`bench.defenses` / `bench.attacks`. README.md's "Writing a plugin" is the contract in prose.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
+import inspect
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
@@ -127,11 +131,7 @@ def convert(name: str, spec: Param, value: Any, what: str = "parameter") -> Any:
 def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
                    preset: Any = None) -> dict[str, Any]:
     """Complete `given` with defaults (preset-scaled where declared), converted and range-checked."""
-    for name in given:
-        if name not in specs:
-            known = ", ".join(sorted(specs)) or "none"
-            raise BenchError(f"{owner} has no parameter '{name}'{did_you_mean(name, specs)}; "
-                             f"its parameters: {known}")
+    _known_names(owner, specs, given)
     out = {}
     for name, spec in specs.items():
         if name in given:
@@ -140,6 +140,32 @@ def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
             out[name] = convert(name, spec, getattr(preset, spec.preset))
         else:
             out[name] = spec.default if spec.default is None else convert(name, spec, spec.default)
+    return out
+
+
+def _known_names(owner: str, specs: dict[str, Param], given: dict[str, Any]) -> None:
+    for name in given:
+        if name not in specs:
+            known = ", ".join(sorted(specs)) or "none"
+            raise BenchError(f"{owner} has no parameter '{name}'{did_you_mean(name, specs)}; "
+                             f"its parameters: {known}")
+
+
+def _keyword_params(init: Callable, declared: dict[str, Param]) -> dict[str, Param]:
+    """The keyword arguments of a plugin's own __init__ whose defaults a command line can express, as
+    Params: a plugin without a PARAMS table is configured like one that has it."""
+    out = {}
+    for arg in inspect.signature(init).parameters.values():
+        if arg.name in declared or arg.kind not in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
+            continue
+        value = arg.default
+        if value is arg.empty or not (value is None or isinstance(value, (bool, int, float, str, tuple))):
+            continue
+        if isinstance(value, tuple):
+            item = type(value[0]) if value and isinstance(value[0], (int, float, str)) else float
+            out[arg.name] = Param(value, "keyword argument", item=item)
+        else:
+            out[arg.name] = Param(value, "keyword argument")
     return out
 
 
@@ -153,15 +179,67 @@ class ParamValues(dict):
             raise AttributeError(name) from None
 
 
-class _Plugin:
-    """Shared by Defense and Attack: declared parameters, resolved at construction."""
+def _accepted(init: Callable, params: dict[str, Any], declared: dict[str, Param]) -> dict[str, Any]:
+    """`params` less the declared parameters that `init` has no argument for (e.g. the parameter `eps`
+    that a class attribute declares, given to an __init__ that takes only `steps`): they are in
+    self.params already."""
+    args = inspect.signature(init).parameters
+    if any(a.kind is a.VAR_KEYWORD for a in args.values()):
+        return params
+    return {k: v for k, v in params.items() if k in args or k not in declared}
+
+
+class _PluginType(abc.ABCMeta):
+    """Constructs every plugin the same way, whatever its own __init__ does or forgets to do: parameters
+    are in place before __init__ runs and complete after it, even without a super().__init__() call;
+    then the class checks what __init__ set (an attack's eps and norm). A failing __init__ is a BenchError
+    that names the plugin, not a traceback from inside it."""
+
+    def __call__(cls, *args: Any, **params: Any) -> Any:
+        obj = cls.__new__(cls)
+        # Every declared parameter's value as given to the constructor (the runner gives them all),
+        # whether or not __init__ passes them on to super().__init__().
+        obj.params = ParamValues(resolve_params(cls._owner(), cls.PARAMS,
+                                                {k: v for k, v in params.items() if k in cls.PARAMS}))
+        try:
+            obj.__init__(*args, **_accepted(obj.__init__, params, cls.PARAMS))
+        except BenchError:
+            raise
+        except Exception as exc:
+            raise BenchError(f"{cls._owner()} could not be created: {type(exc).__name__}: {exc}") from exc
+        obj._settle()
+        return obj
+
+
+class _Plugin(metaclass=_PluginType):
+    """Shared by Defense and Attack: declared parameters, resolved at construction.
+
+    Parameters are the `PARAMS` table plus the keyword arguments (with defaults) of the class's own
+    __init__; the runner passes each one's value, given or default, as a keyword argument."""
 
     PARAMS: ClassVar[dict[str, Param]] = {}
     name: ClassVar[str] = ""  # set by the registry to the entry-point name
+    _kind: ClassVar[str] = "plugin"  # for messages
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            inferred = _keyword_params(cls.__dict__["__init__"], cls.PARAMS)
+            if inferred:
+                cls.PARAMS = {**cls.PARAMS, **inferred}
+
+    @classmethod
+    def _owner(cls) -> str:
+        return f"{cls._kind} '{cls.name}'" if cls.name else cls.__name__
 
     def __init__(self, **params: Any) -> None:
-        owner = f"{type(self).__name__}" if not self.name else f"'{self.name}'"
-        self.params = ParamValues(resolve_params(owner, self.PARAMS, params))
+        # self.params already holds every parameter (see _PluginType); these are values a subclass
+        # passes on, possibly changed
+        _known_names(self._owner(), self.PARAMS, params)
+        self.params.update({k: convert(k, self.PARAMS[k], v) for k, v in params.items()})
+
+    def _settle(self) -> None:
+        """Check what __init__ set; called once it has returned."""
 
     @classmethod
     def describe(cls) -> str:
@@ -191,6 +269,8 @@ class Defended:
 class Defense(_Plugin):
     """Base class of defense plugins. Keyword parameters come from `--param key=value` or a TOML file."""
 
+    _kind: ClassVar[str] = "defense"
+
     def build(self, ctx: "Context") -> Defended:
         raise NotImplementedError
 
@@ -206,19 +286,50 @@ class Attack(_Plugin):
     leave the model's parameters, buffers and per-module train/eval flags exactly as it found them.
     """
 
+    _kind: ClassVar[str] = "attack"
     norm: str = "Linf"  # "Linf" or "L2"
+    # eps: float -- the budget, stored in params["eps"]; a class attribute `eps = 0.5`, an assignment
+    # `self.eps = ...` in __init__ and a PARAMS entry all declare it, and each makes it a parameter.
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if "norm" in self.params:
-            self.norm = self.params["norm"]
-        if self.norm not in ("Linf", "L2"):
-            raise BenchError(f"attack norm must be Linf or L2, got {self.norm!r}")
-        self.check()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        value = cls.__dict__.get("eps")
+        if value is not None and not isinstance(value, property):
+            # A plain class attribute would hide the property below: it becomes the default of the
+            # parameter `eps` instead, as if declared in PARAMS.
+            spec = cls.PARAMS.get("eps") or Param(value, "budget")
+            cls.PARAMS = {**cls.PARAMS, "eps": dataclasses.replace(spec, default=value, preset=None)}
+            delattr(cls, "eps")
+        spec = cls.PARAMS.get("eps")
+        if spec is not None and spec.type is int:  # `eps = 1` still takes 0.5 from the command line
+            cls.PARAMS = {**cls.PARAMS, "eps": dataclasses.replace(spec, kind=float)}
 
     @property
     def eps(self) -> float:
-        return self.params["eps"]
+        try:
+            return self.params["eps"]
+        except KeyError:
+            raise AttributeError(f"{self._owner()} has no eps yet") from None
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.params["eps"] = _budget(self._owner(), value)
+
+    def _settle(self) -> None:
+        if "norm" in self.params and "norm" not in self.__dict__:
+            self.norm = self.params["norm"]
+        if self.norm not in ("Linf", "L2"):
+            raise BenchError(f"{self._owner()}: attack norm must be Linf or L2, got {self.norm!r}")
+        if "norm" in self.params:
+            self.params["norm"] = self.norm
+        if type(self).eps is not Attack.eps:  # a subclass's own property derives it
+            _budget(self._owner(), self.eps)
+        elif "eps" not in self.params:
+            raise BenchError(f"{self._owner()} declares no eps: give it a class attribute `eps = ...`, "
+                             f"assign `self.eps` in __init__, or declare PARAMS['eps']")
+        else:
+            self.eps = self.params["eps"]  # the setter's check
+        self.check()
 
     @property
     def threat(self) -> str:
@@ -269,6 +380,13 @@ class Attack(_Plugin):
     def extra(self) -> dict:
         """Attack-specific figures for the stored result (e.g. DeepFool's median perturbation norm)."""
         return {}
+
+
+def _budget(owner: str, value: Any) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise BenchError(f"{owner}: eps must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------
