@@ -188,10 +188,11 @@ class AttackSpec:
 def exact_text(value: Any) -> str:
     """Text that reads back as exactly `value`: cells are keyed by it and worst cases grouped by it, so two
     budgets that differ in any digit never share a result. A float is written k/255 when it is exactly that
-    and shorter (8/255, not 0.03137254901960784), else as Python's shortest round-trip repr (0.050004)."""
+    and shorter (8/255, not 0.03137254901960784), a whole number without '.0', else as Python's
+    shortest round-trip repr (0.050004)."""
     if not isinstance(value, float) or not math.isfinite(value):
         return str(value)
-    text = repr(value)
+    text = str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)  # 3, not 3.0
     k = round(value * 255)
     if k and k / 255 == value and len(f"{k}/255") < len(text):
         return f"{k}/255"
