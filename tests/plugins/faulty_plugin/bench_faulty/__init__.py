@@ -1,0 +1,46 @@
+"""A third-party plugin package whose plugins raise, used by tests/test_failures.py."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bench.api import Attack, Defense, Param
+from bench.errors import BenchError
+
+
+class FailingBuild(Defense):
+    """Toy defense whose build raises (a missing weights file, say)."""
+
+    def build(self, ctx):
+        raise RuntimeError("no weights for this defense\nsecond line of the message")
+
+
+class FailingPerturb(Attack):
+    """Toy attack that changes the attacked model's weights, then raises on the first batch (unless
+    BENCH_FAULTY_FIXED is set)."""
+
+    PARAMS = {"eps": Param(0.1, "budget", above=0, preset="eps")}
+
+    def perturb(self, model, x, y):
+        if os.environ.get("BENCH_FAULTY_FIXED"):  # the plugin's next release: works
+            return x.clone()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        raise ValueError("perturb exploded")
+
+
+class FailingSetup(Attack):
+    """Toy attack whose setup raises a BenchError (at run time: a plugin failure, not a user error), unless
+    BENCH_FAULTY_FIXED is set."""
+
+    PARAMS = {"eps": Param(0.1, "budget", above=0, preset="eps")}
+
+    def setup(self, ctx, defended):
+        if not os.environ.get("BENCH_FAULTY_FIXED"):
+            raise BenchError("setup needs a surrogate")
+
+    def perturb(self, model, x, y):
+        return x.clone()
