@@ -294,6 +294,20 @@ def _protocol_for(cfg: RunConfig, has_surrogate: bool | None) -> str:
 BUILD = "(build)"  # the failures-table cell of a defense whose build failed: the whole job
 # Faults of the machine, not of a plugin: they end the command (the CLI says so in one line), as before.
 ENVIRONMENT_FAULTS = (OSError, sqlite3.Error)
+CORE = Path(__file__).resolve().parent
+
+
+def _plugin_fault(exc: Exception) -> bool:
+    """Whether `exc` is the plugin's failure. A BenchError raised by bench's own code on a plugin's behalf (a
+    corrupt cached base model, missing data) is the user's to fix, as before: exit 2, not a failed cell."""
+    if isinstance(exc, ENVIRONMENT_FAULTS):
+        return False
+    if not isinstance(exc, BenchError):
+        return True
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return not Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(CORE)
 
 
 @dataclass
@@ -389,7 +403,7 @@ def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:
     start = time.perf_counter()
     defended = prep.defense.build(ctx)
     if not isinstance(defended, Defended) or not isinstance(defended.model, torch.nn.Module):
-        raise BenchError(f"defense '{cfg.defense}' returned {type(defended).__name__}, not bench.api.Defended")
+        raise TypeError(f"build() returned {type(defended).__name__}, not bench.api.Defended")
     return defended, time.perf_counter() - start
 
 
@@ -410,9 +424,10 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
             x0, y0 = next(prep.data.test.batches(cfg.preset.eval_batch_size))
             probes = checks.probe(defended, x0.to(prep.device), y0.to(prep.device), cfg.preset.eps,
                                   ctx.generator("checks:large-eps"))
-    except ENVIRONMENT_FAULTS:
-        raise
-    except Exception as exc:  # the defense plugin (or its model, probed) raised: this job fails, others go on
+    except Exception as exc:  # (a fault of the environment or the user still ends the command)
+        if not _plugin_fault(exc):
+            raise
+        # the defense plugin (or its model, probed) raised: this job fails, others go on
         _failed(store, prep, failures, "defense", cfg.defense, BUILD, NO_PROTOCOL, exc)
         return
     store.clear_failure(run_id, BUILD, NO_PROTOCOL)
@@ -440,9 +455,10 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
     if (CLEAN, NO_PROTOCOL) not in finished:
         try:
             res = clean_cell(defended, test, batch, prep.device, progress=ctx.progress)
-        except ENVIRONMENT_FAULTS:
-            raise
-        except Exception as exc:  # the defended model itself fails: every attack would too
+        except Exception as exc:  # (a fault of the environment or the user still ends the command)
+            if not _plugin_fault(exc):
+                raise
+            # the defended model itself fails: every attack would too
             _failed(store, prep, failures, "defense", cfg.defense, CLEAN, NO_PROTOCOL, exc)
             return
         store.put_cell(run_id, attack=CLEAN, protocol=NO_PROTOCOL, name=CLEAN, params={}, norm="-", eps=0.0,
@@ -459,9 +475,10 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
             attack.setup(ctx, target)
             res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
                                           protocol=protocol, progress=ctx.progress, desc=spec.label)
-        except ENVIRONMENT_FAULTS:
-            raise
-        except Exception as exc:  # this cell fails, the next attacks still run
+        except Exception as exc:  # (a fault of the environment or the user still ends the command)
+            if not _plugin_fault(exc):
+                raise
+            # this cell fails, the next attacks still run
             _failed(store, prep, failures, "attack", spec.name, spec.label, protocol, exc)
             continue
         store.put_cell(run_id, attack=spec.label, protocol=protocol, name=spec.name, params=dict(attack.params),
