@@ -242,7 +242,11 @@ def check_cmd(**opts) -> None:
     n = opts["n"] or prep.config.preset.eval_batch_size
     if n < 1:
         raise BenchError(f"--n must be >= 1, got {n}")
-    results = runner.check(prep, n, quiet=req.quiet)
+    try:
+        results = runner.check(prep, n, quiet=req.quiet)
+    except runner.PluginFailed as exc:
+        click.echo(exc.failure.line(), err=True)
+        sys.exit(1)
     click.echo(f"checks of {req.defense} on the first {min(n, len(prep.data.test))} test images")
     click.echo(tabulate([[r.name, r.status, r.detail] for r in results], headers=["check", "status", "detail"],
                         maxcolwidths=[None, None, 90]))

@@ -310,6 +310,14 @@ def _plugin_fault(exc: Exception) -> bool:
     return not Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(CORE)
 
 
+class PluginFailed(Exception):
+    """`bench check` stores nothing: a defense that fails to build ends it, named, with exit 1."""
+
+    def __init__(self, failure: "Failure") -> None:
+        super().__init__(failure.line())
+        self.failure = failure
+
+
 @dataclass
 class Failure:
     """A plugin that raised at run time: that cell (or, for the defense, that job) failed, the rest went on."""
@@ -495,7 +503,13 @@ def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResul
     """`bench check`: checks 3-8 on the first `n` test images, storing nothing but the cached models."""
     cfg = prep.config
     ctx = _context(prep, quiet)
-    defended, _ = _build(prep, ctx)
+    try:
+        defended, _ = _build(prep, ctx)
+    except Exception as exc:
+        if not _plugin_fault(exc):
+            raise
+        raise PluginFailed(Failure(registry.who("defense", cfg.defense), BUILD, NO_PROTOCOL,
+                                   registry.one_line(exc))) from exc
     subset = prep.data.test.subset(slice(0, n))
     x0, y0 = subset.x.to(prep.device), subset.y.to(prep.device)
     results = checks.probe(defended, x0, y0, cfg.preset.eps, ctx.generator("checks:large-eps"))

@@ -186,3 +186,21 @@ def test_a_run_missing_a_requested_cell_is_marked_incomplete_everywhere(bench, s
     assert entries["pgd_at"]["missing_cells"] == [{"attack": "pgd10", "protocol": "adaptive", "threat": "Linf eps=0.1",
                                                    "error": None, "seed": 0}]
     assert entries["standard"]["incomplete"] == "" and entries["standard"]["missing_cells"] == []
+
+
+def test_ctrl_c_inside_a_plugin_is_still_an_interrupt_not_a_failure(faulty, bench, out_dir, monkeypatch):
+    monkeypatch.setenv("BENCH_FAULTY_INTERRUPT", "1")
+    res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "fgsm,faulty_perturb,pgd10",
+                "--out", out_dir, "--quiet")
+    assert res.code == 130 and "failed" not in res.err
+    store = _store(out_dir)
+    assert store.failures() == []
+    assert {c["attack"] for c in store.cells()} == {"clean", "fgsm"}  # stopped there: pgd10 never ran
+    store.close()
+
+
+def test_check_names_a_defense_whose_build_fails(faulty, bench, out_dir):
+    res = bench("check", "--preset", "smoke", "--defense", "faulty_build", "--out", out_dir, "--quiet")
+    assert res.code == 1 and "Traceback" not in res.err
+    assert res.err.strip() == (f"bench: defense 'faulty_build' (bench_faulty:FailingBuild from {PROVIDER}) failed: "
+                               f"RuntimeError: no weights for this defense second line of the message")

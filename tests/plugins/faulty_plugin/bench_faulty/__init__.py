@@ -26,6 +26,8 @@ class FailingPerturb(Attack):
     def perturb(self, model, x, y):
         if os.environ.get("BENCH_FAULTY_FIXED"):  # the plugin's next release: works
             return x.clone()
+        if os.environ.get("BENCH_FAULTY_INTERRUPT"):  # the user presses Ctrl-C during this attack
+            raise KeyboardInterrupt
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
