@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,10 +443,10 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
         for name in registry.names("report"):
             try:
                 text += registry.load("report", name)(rc) or []
-            except BenchError:
-                raise
-            except Exception as exc:
-                raise BenchError(f"report '{name}' failed on {stem}: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # one broken report plugin must not take everyone's leaderboard down
+                failure = f"{registry.who('report', name)} failed on {stem}: {registry.one_line(exc)}"
+                logging.getLogger("bench").warning("bench: warning: %s", failure)
+                text += [f"## Report '{name}' failed", "", failure.replace("|", "/"), ""]
         text += checks_section(configs)
         path.write_text("\n".join(text))
         written.append(path)

@@ -204,3 +204,16 @@ def test_check_names_a_defense_whose_build_fails(faulty, bench, out_dir):
     assert res.code == 1 and "Traceback" not in res.err
     assert res.err.strip() == (f"bench: defense 'faulty_build' (bench_faulty:FailingBuild from {PROVIDER}) failed: "
                                f"RuntimeError: no weights for this defense second line of the message")
+
+
+def test_a_failing_report_plugin_leaves_the_rest_of_the_leaderboard(faulty, bench, smoke_cache, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(smoke_cache / "results.sqlite", out / "results.sqlite")
+    res = bench("leaderboard", "--out", out, "--dest", tmp_path / "board")
+    assert res.code == 0, res.err
+    assert f"report 'faulty_report' (bench_faulty:failing_report from {PROVIDER}) failed" in res.err
+    (md,) = (tmp_path / "board").glob("*.md")
+    text = md.read_text()
+    assert "| pgd_at " in text and "## Sanity checks" in text  # the table and the sections after the report
+    assert "## Report 'faulty_report' failed" in text and "KeyError: 'no such table'" in text

@@ -46,3 +46,8 @@ class FailingSetup(Attack):
 
     def perturb(self, model, x, y):
         return x.clone()
+
+
+def failing_report(rc):
+    """A report plugin that raises on every leaderboard."""
+    raise KeyError("no such table")
