@@ -190,7 +190,7 @@ def print_summary(result: dict, seed: int | None = None) -> None:
         else:  # a requested cell that is not stored
             acc, ci = "—", r.get("status", "")
         if r.get("incomplete"):  # a worst case without some requested cells overstates robustness
-            ci = (ci + "  " if ci else "") + f"‡ incomplete: {', '.join(r['incomplete'])} missing"
+            ci = (ci + "  " if ci else "") + f"‡ incomplete: {', '.join(r['incomplete'])}"
         rows.append([r["attack"], r["protocol"], r["threat"], acc, ci, r["n"],
                      "" if r["seconds"] != r["seconds"] else f"{r['seconds']:.1f}"])
     click.echo(f"defense {result['defense']}  run {result['run_id'][:10]}" + (f"  seed {seed}" if seed is not None else ""))
@@ -277,7 +277,7 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, quiet: bool) -> None:
         worst = [row for row in r["summary"]["rows"] if row["attack"] == "worst case"]
         lacking = list(dict.fromkeys(a for w in worst for a in w.get("incomplete", [])))
         status = "build failed" if r["summary"].get("build_failure") else \
-            f"‡ incomplete: {', '.join(lacking)} missing" if lacking else ""
+            f"‡ incomplete: {', '.join(lacking)}" if lacking else ""
         rows.append([r["label"], r["run_id"][:10], f"{100 * by['clean']['accuracy']:.2f}" if by.get("clean", {}).get("n") else "",
                      " ".join("—" if w["accuracy"] != w["accuracy"] else f"{100 * w['accuracy']:.2f}" for w in worst),
                      status])

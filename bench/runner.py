@@ -560,8 +560,8 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
         if (threat, protocol) in [(w["threat"], w["protocol"]) for w in rows if w["attack"] == "worst case"]:
             continue
         flags = worst.get((threat, protocol))
-        lacking = [r["attack"] for r in absent if r["attack"] == CLEAN
-                   or (r["threat"], r["protocol"]) == (threat, protocol)]
+        lacking = [r["attack"] + (" failed" if (r["attack"], r["protocol"]) in failed else " missing")
+                   for r in absent if r["attack"] == CLEAN or (r["threat"], r["protocol"]) == (threat, protocol)]
         rows.append({"attack": "worst case", "protocol": protocol, "threat": threat,
                      "n": int(flags.size) if flags is not None else 0,
                      "accuracy": float(flags.mean()) if flags is not None else float("nan"),

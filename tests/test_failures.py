@@ -90,7 +90,7 @@ def test_failing_attacks_fail_only_their_cells_and_a_fixed_rerun_clears_them(fau
     # the summary shows both as failed, and the worst case as lacking them
     assert any(ln.startswith("faulty_perturb") and "failed: ValueError" in ln for ln in res.out.splitlines())
     worst = next(ln for ln in res.out.splitlines() if ln.startswith("worst case"))
-    assert "‡ incomplete: faulty_perturb, faulty_setup missing" in worst
+    assert "‡ incomplete: faulty_perturb failed, faulty_setup failed" in worst
 
     store = _store(out_dir)
     (run,) = store.runs()

@@ -18,8 +18,10 @@ class FailingBuild(Defense):
 
 
 class FailingPerturb(Attack):
-    """Toy attack that changes the attacked model's weights, then raises on the first batch (unless
-    BENCH_FAULTY_FIXED is set)."""
+    """Toy attack that changes the attacked model's weights, then raises on the first batch.
+
+    With BENCH_FAULTY_FIXED set it works (the plugin's next release); with BENCH_FAULTY_INTERRUPT it
+    raises KeyboardInterrupt (Ctrl-C during the attack)."""
 
     PARAMS = {"eps": Param(0.1, "budget", above=0, preset="eps")}
 
@@ -35,8 +37,9 @@ class FailingPerturb(Attack):
 
 
 class FailingSetup(Attack):
-    """Toy attack whose setup raises a BenchError (at run time: a plugin failure, not a user error), unless
-    BENCH_FAULTY_FIXED is set."""
+    """Toy attack whose setup raises a BenchError (at run time: a plugin failure, not a user error).
+
+    With BENCH_FAULTY_FIXED set it works."""
 
     PARAMS = {"eps": Param(0.1, "budget", above=0, preset="eps")}
 
