@@ -217,3 +217,20 @@ def test_a_failing_report_plugin_leaves_the_rest_of_the_leaderboard(faulty, benc
     text = md.read_text()
     assert "| pgd_at " in text and "## Sanity checks" in text  # the table and the sections after the report
     assert "## Report 'faulty_report' failed" in text and "KeyError: 'no such table'" in text
+
+
+@pytest.mark.parametrize("defense, checks, cell, error", [
+    ("faulty_model", "--no-checks", "clean", "RuntimeError: kernel not available"),  # fails on the clean cell
+    ("faulty_model", None, "(build)", "RuntimeError: kernel not available"),  # ... or already on the probes
+    ("faulty_none", None, "(build)", "TypeError: build() returned NoneType, not bench.api.Defended"),
+])
+def test_a_defense_whose_model_fails_fails_its_run_named(faulty, bench, tmp_path, defense, checks, cell, error):
+    out = tmp_path / "results"
+    res = bench("run", "--preset", "smoke", "--defense", defense, "--attacks", "fgsm", "--out", out, "--quiet",
+                *([checks] if checks else []))
+    assert res.code == 1 and "Traceback" not in res.err
+    cls = {"faulty_model": "FailingModel", "faulty_none": "ReturnsNothing"}[defense]
+    assert f"bench: defense '{defense}' (bench_faulty:{cls} from {PROVIDER}) failed: {error}" in res.err.splitlines()
+    store = _store(out)
+    assert [(f["cell"], f["error"]) for f in store.failures()] == [(cell, error)]
+    store.close()

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from bench.api import Attack, Defense, Param
+from bench.api import Attack, Defended, Defense, Param
 from bench.errors import BenchError
 
 
@@ -15,6 +15,25 @@ class FailingBuild(Defense):
 
     def build(self, ctx):
         raise RuntimeError("no weights for this defense\nsecond line of the message")
+
+
+class FailingModel(Defense):
+    """Toy defense whose model raises on every forward (its inference needs a GPU kernel, say)."""
+
+    def build(self, ctx):
+        return Defended(model=_Raises().eval())
+
+
+class _Raises(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("kernel not available")
+
+
+class ReturnsNothing(Defense):
+    """Toy defense whose build forgets to return its Defended."""
+
+    def build(self, ctx):
+        return None
 
 
 class FailingPerturb(Attack):
