@@ -429,10 +429,18 @@ class ReportContext:
         return delta_text(cfg.flags(label, protocol), base.flags(label, protocol))
 
     def fewer_attacks_mark(self, cfg, peers: list, threat: str) -> str:
-        """' † without X' when `cfg`'s worst case over `threat` lacks adaptive attacks one of `peers` ran."""
-        from bench.leaderboard import adaptive_attacks, fewer_attacks_mark
+        """' † without X' when `cfg`'s worst case over `threat` lacks adaptive attacks one of `peers` ran,
+        and ' ‡ incomplete: Y missing' when its run lacks requested cells of that worst case."""
+        from bench.leaderboard import adaptive_attacks, fewer_attacks_mark, incomplete_mark
 
-        return fewer_attacks_mark(cfg, adaptive_attacks(peers, threat))
+        return fewer_attacks_mark(cfg, adaptive_attacks(peers, threat)) + incomplete_mark(cfg, threat, "adaptive")
+
+    def incomplete_mark(self, cfg, threat: str | None = None, protocol: str = "adaptive") -> str:
+        """' ‡ incomplete: X missing, Y failed' for the requested cells `cfg`'s runs lack (of the worst case
+        over `threat` when given), else ''. Any table showing a worst case should carry it."""
+        from bench.leaderboard import incomplete_mark
+
+        return incomplete_mark(cfg, threat, protocol if threat is not None else None)
 
     def threats(self) -> list[str]:
         out = []

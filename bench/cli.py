@@ -38,10 +38,14 @@ def list_cmd(verbose: bool) -> None:
     """Every registered defense and attack, with a one-line description."""
     for kind, title in (("defense", "Defenses"), ("attack", "Attacks")):
         table = registry.providers(kind)
+        loaded, broken = registry.load_all(kind)
         click.echo(f"{title}:")
         width = max((len(n) for n in table), default=0)
         for name in sorted(table):
-            cls = registry.load(kind, name)
+            if name in broken:  # listed, not fatal: one broken package must not hide the others
+                click.echo(f"  {name:<{width}}  BROKEN ({table[name]}): {broken[name].reason}")
+                continue
+            cls = loaded[name]
             click.echo(f"  {name:<{width}}  {cls.describe()}")
             if verbose:
                 click.echo(f"  {'':<{width}}  provided by {table[name]}")
@@ -102,6 +106,20 @@ def run_cmd(**opts) -> None:
         print_summary(results[-1], seed if len(seeds) > 1 else None)
     if len(results) > 1:
         print_seed_summary(results)
+    exit_on_failures([f for r in results for f in r["failures"]], req.out)
+
+
+def exit_on_failures(failures: list, out: str) -> None:
+    """One line per plugin that failed (its traceback is in the results directory), then exit code 1."""
+    if not failures:
+        return
+    from bench.runner import FAILURE_LOG
+
+    for f in failures:
+        click.echo(f.line(), err=True)
+    click.echo(f"bench: {len(failures)} failed (tracebacks in {Path(out) / FAILURE_LOG}); the other cells "
+               f"are stored, and re-running the command retries the failed ones", err=True)
+    sys.exit(1)
 
 
 def _seeds(opts: dict) -> list[int | None]:
@@ -173,12 +191,20 @@ def print_summary(result: dict, seed: int | None = None) -> None:
 
     rows = []
     for r in result["rows"]:
-        low, high = wilson(round(r["accuracy"] * r["n"]), r["n"])
-        rows.append([r["attack"], r["protocol"], r["threat"], f"{100 * r['accuracy']:.2f}",
-                     f"[{100 * low:.1f}, {100 * high:.1f}]", r["n"],
+        if r["n"]:
+            low, high = wilson(round(r["accuracy"] * r["n"]), r["n"])
+            acc, ci = f"{100 * r['accuracy']:.2f}", f"[{100 * low:.1f}, {100 * high:.1f}]"
+        else:  # a requested cell that is not stored
+            acc, ci = "—", r.get("status", "")
+        if r.get("incomplete"):  # a worst case without some requested cells overstates robustness
+            ci = (ci + "  " if ci else "") + f"‡ incomplete: {', '.join(r['incomplete'])}"
+        rows.append([r["attack"], r["protocol"], r["threat"], acc, ci, r["n"],
                      "" if r["seconds"] != r["seconds"] else f"{r['seconds']:.1f}"])
     click.echo(f"defense {result['defense']}  run {result['run_id'][:10]}" + (f"  seed {seed}" if seed is not None else ""))
-    click.echo(tabulate(rows, headers=["attack", "protocol", "threat", "accuracy %", "95% CI", "n", "seconds"]))
+    if result.get("build_failure"):
+        click.echo(f"build failed: {result['build_failure']['error']}")
+    if rows:
+        click.echo(tabulate(rows, headers=["attack", "protocol", "threat", "accuracy %", "95% CI", "n", "seconds"]))
     for c in result.get("checks", []):
         if c["status"] in ("warn", "fail"):
             click.echo(f"check {c['name']}: {c['status']}: {c['detail']}")
@@ -223,7 +249,11 @@ def check_cmd(**opts) -> None:
     req = request_from(opts)
     prep = runner.prepare(req)
     n = opts["n"] if opts["n"] is not None else prep.config.preset.eval_batch_size
-    results = runner.check(prep, n, quiet=req.quiet)
+    try:
+        results = runner.check(prep, n, quiet=req.quiet)
+    except runner.PluginFailed as exc:
+        click.echo(exc.failure.line(), err=True)
+        sys.exit(1)
     click.echo(f"checks of {req.defense} on the first {min(n, len(prep.data.test))} test images")
     click.echo(tabulate([[r.name, r.status, r.detail] for r in results], headers=["check", "status", "detail"],
                         maxcolwidths=[None, None, 90]))
@@ -252,9 +282,14 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, quiet: bool) -> None:
     for r in results:
         by = {row["attack"]: row for row in r["summary"]["rows"] if row["protocol"] in ("-", "adaptive", "paper")}
         worst = [row for row in r["summary"]["rows"] if row["attack"] == "worst case"]
-        rows.append([r["label"], r["run_id"][:10], f"{100 * by['clean']['accuracy']:.2f}" if "clean" in by else "",
-                     " ".join(f"{100 * w['accuracy']:.2f}" for w in worst)])
-    click.echo(tabulate(rows, headers=["run", "config", "clean %", "worst case %"]))
+        lacking = list(dict.fromkeys(a for w in worst for a in w.get("incomplete", [])))
+        status = "build failed" if r["summary"].get("build_failure") else \
+            f"‡ incomplete: {', '.join(lacking)}" if lacking else ""
+        rows.append([r["label"], r["run_id"][:10], f"{100 * by['clean']['accuracy']:.2f}" if by.get("clean", {}).get("n") else "",
+                     " ".join("—" if w["accuracy"] != w["accuracy"] else f"{100 * w['accuracy']:.2f}" for w in worst),
+                     status])
+    click.echo(tabulate(rows, headers=["run", "config", "clean %", "worst case %", "status"]))
+    exit_on_failures([f for r in results for f in r["summary"]["failures"]], results[0]["out"] if results else ".")
 
 
 @cli.command("leaderboard")
@@ -271,6 +306,8 @@ def leaderboard_cmd(out: str, dest: str, fmt: str) -> None:
     store = Store(out, create=False)
     try:
         paths = leaderboard.write(store, dest, out, code_version(), fmt)
+        for line in leaderboard.unplaced_failures(store):  # runs that failed before they had a row
+            click.echo(f"bench: warning: {line}", err=True)
     finally:
         store.close()
     for p in paths:

@@ -179,6 +179,17 @@ def perturbation_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return flat.abs().amax(1), flat.norm(dim=1)
 
 
+def _restore(watched: list, before: list, snapshots: list) -> list:
+    """Undo any change an attack made to the watched models (so one misbehaving attack cannot poison the
+    cells after it); returns the models that had changed."""
+    changed = [m for m, d in zip(watched, before) if state.digest(m) != d]
+    for m, (sd, saved_modes) in zip(watched, snapshots):
+        if m in changed:
+            m.load_state_dict(sd)
+            state.restore_modes(m, saved_modes)
+    return changed
+
+
 def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size: int,
                 device: torch.device, protocol: str = "adaptive", progress=None, desc: str = "") -> CellResult:
     """Attack every batch of `split` and score it; record budget and state violations in `extra`."""
@@ -193,25 +204,25 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
     batches = split.batches(batch_size)
     if progress:
         batches = progress(batches, desc=desc or attack.name, total=-(-len(split) // batch_size))
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        x_adv = attack.perturb(target, x, y).detach()
-        if x_adv.shape != x.shape:
-            raise RuntimeError(f"attack {attack.name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
-        nonfinite += int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
-        n_inf, n_2 = perturbation_norms(x_adv - x)
-        size = n_inf if attack.norm == "Linf" else n_2
-        out_of_box = (x_adv < -BUDGET_TOL).flatten(1).any(1) | (x_adv > 1 + BUDGET_TOL).flatten(1).any(1)
-        outside += int(((size > attack.eps + BUDGET_TOL) | out_of_box).sum())
-        linf.append(n_inf.cpu())
-        l2.append(n_2.cpu())
-        votes.append(verdict(defended.model, x_adv, y, repeats))
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            x_adv = attack.perturb(target, x, y).detach()
+            if x_adv.shape != x.shape:
+                raise RuntimeError(f"attack {attack.name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
+            nonfinite += int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
+            n_inf, n_2 = perturbation_norms(x_adv - x)
+            size = n_inf if attack.norm == "Linf" else n_2
+            out_of_box = (x_adv < -BUDGET_TOL).flatten(1).any(1) | (x_adv > 1 + BUDGET_TOL).flatten(1).any(1)
+            outside += int(((size > attack.eps + BUDGET_TOL) | out_of_box).sum())
+            linf.append(n_inf.cpu())
+            l2.append(n_2.cpu())
+            votes.append(verdict(defended.model, x_adv, y, repeats))
+    except BaseException:  # an attack that raises mid-way must not leave the model changed for the next cells
+        _restore(watched, before, snapshots)
+        raise
     seconds = time.perf_counter() - start
-    changed = [m for m, d in zip(watched, before) if state.digest(m) != d]
-    for m, (sd, saved_modes) in zip(watched, snapshots):
-        if m in changed:  # undo, so one misbehaving attack cannot poison the cells after it
-            m.load_state_dict(sd)
-            state.restore_modes(m, saved_modes)
+    changed = _restore(watched, before, snapshots)
     linf_all, l2_all = torch.cat(linf), torch.cat(l2)
     extra = {
         "state_changed": bool(changed),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class Run:
     clean: np.ndarray | None
     cells: dict[tuple[str, str], dict]  # (label, protocol) -> cell
     checks: list[dict]
+    # requested cells that are not stored (killed mid-way, or failed): attack, protocol, threat, error|None
+    missing: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -86,10 +89,26 @@ def load(store: Store) -> list[Config]:
         ident.pop("seed", None)
         key = json.dumps(ident, sort_keys=True)
         cfg = configs.setdefault(key, Config(run["defense"], run["params"]))
-        cfg.runs.append(Run(run, clean, by, store.checks(run["run_id"])))
+        cfg.runs.append(Run(run, clean, by, store.checks(run["run_id"]), missing_cells(store, run["run_id"], cells)))
     for cfg in configs.values():
         cfg.runs.sort(key=lambda r: r.run["seed"])
     return list(configs.values())
+
+
+def missing_cells(store: Store, run_id: str, cells: list[dict]) -> list[dict]:
+    """The cells `bench run` was asked for on this run that are not stored, with the error of a failed one."""
+    have = {(c["attack"], c["protocol"]) for c in cells}
+    failed = {(f["cell"], f["protocol"]): f["error"] for f in store.failures(run_id)}
+    return [{"attack": r["attack"], "protocol": r["protocol"], "threat": r["threat"],
+             "error": failed.get((r["attack"], r["protocol"]))}
+            for r in store.requests(run_id) if (r["attack"], r["protocol"]) not in have]
+
+
+def unplaced_failures(store: Store) -> list[str]:
+    """Failures of runs that stored nothing (their defense failed to build): no leaderboard row shows them."""
+    known = {r["run_id"] for r in store.runs()}
+    return [f"run {f['run_id'][:10]}: {f['plugin']} failed: {f['error']}" for f in store.failures()
+            if f["run_id"] not in known]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,6 +232,30 @@ def fewer_attacks_mark(cfg: Config, attacks: list[str]) -> str:
     return f" † without {', '.join(missing)}" if missing else ""
 
 
+def incomplete(cfg: Config, threat: str | None = None, protocol: str | None = None) -> list[str]:
+    """'autoattack missing', 'pgd10 failed (seed 1)': the requested cells `cfg` lacks (those a worst case
+    over `threat` and `protocol` lacks, clean included, when given)."""
+    out = []
+    for r in cfg.runs:
+        for m in r.missing:
+            if threat is not None and m["attack"] != CLEAN and (m["threat"], m["protocol"]) != (threat, protocol):
+                continue
+            text = m["attack"] + (" (paper)" if m["protocol"] == "paper" else "")
+            text += " failed" if m["error"] else " missing"
+            out.append(text + (f" (seed {r.run['seed']})" if len(cfg.runs) > 1 else ""))
+    return list(dict.fromkeys(out))
+
+
+def incomplete_mark(cfg: Config, threat: str | None = None, protocol: str | None = None) -> str:
+    """' ‡ incomplete: autoattack missing' when `cfg` lacks requested cells (of that worst case), else ''.
+
+    A run killed or failed before all its attacks finished has a worst case over fewer attacks than it was
+    asked for: it must never look complete.
+    """
+    lacking = incomplete(cfg, threat, protocol)
+    return f" ‡ incomplete: {', '.join(lacking)}" if lacking else ""
+
+
 def main_table(configs: list[Config]) -> pd.DataFrame:
     labels, paper_labels, threats = attack_labels(configs)
     base = base_config(configs)
@@ -231,16 +274,17 @@ def main_table(configs: list[Config]) -> pd.DataFrame:
             text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
             if text != "—":
                 text += fewer_attacks_mark(cfg, threat_labels[threat])
-            row[f"Worst ({threat})"] = text
+            row[f"Worst ({threat})"] = text + incomplete_mark(cfg, threat, "adaptive")
             if sort_key is None:
                 sort_key = (mean, interval)
             if paper_labels:
-                row[f"Worst ({threat}, paper)"] = accuracy_text(cfg.flags(f"worst:{threat}", "paper"))[0]
+                row[f"Worst ({threat}, paper)"] = accuracy_text(cfg.flags(f"worst:{threat}", "paper"))[0] + \
+                    incomplete_mark(cfg, threat, "paper")
             if base is not None:
                 row[f"Δ worst ({threat})"] = delta_text(cfg.flags(f"worst:{threat}"), base.flags(f"worst:{threat}"))
         if base is not None:
             row["Δ clean"] = delta_text(cfg.flags(CLEAN), base.flags(CLEAN))
-        row["Flags"] = flags_text(cfg)
+        row["Flags"] = " ".join(t for t in (incomplete_mark(cfg).strip(), flags_text(cfg)) if t)
         clean = cfg.flags(CLEAN)
         row["n"] = str(next(iter(clean.values())).size) if clean else "0"
         row["Seeds"] = ",".join(map(str, cfg.seeds))
@@ -341,6 +385,9 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
         "attacks": {lab: pct(lab) for lab in labels if cfg.flags(lab)},
         "worst_case": {t: pct(f"worst:{t}") for t in threats},
         "config": cfg.key, "command": run["command"], "code_version": run["code_version"],
+        # requested cells not stored: the worst cases above are over fewer attacks than asked for
+        "incomplete": "; ".join(incomplete(cfg)),
+        "missing_cells": [{**m, "seed": r.run["seed"]} for r in cfg.runs for m in r.missing],
     }
 
 
@@ -382,7 +429,6 @@ def _replace_file(content: str | pd.DataFrame, path: Path) -> None:
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
     from bench import registry
     from bench.api import ReportContext
-    from bench.errors import BenchError
 
     written = []
     for (dataset, arch, preset), configs in sorted(groups.items()):
@@ -415,7 +461,8 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
                 "marked (paper) attack the defense's surrogate instead and are scored on the defense, as "
                 "non-adaptive papers did. Worst case = correct under every attack of the threat model (and "
                 f"clean); † marks a worst case over fewer attacks than other rows ran, which overstates it against "
-                f"them. Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
+                f"them; ‡ marks a row whose run lacks cells it was asked for (killed before they finished, or failed), "
+                "named after the mark. Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
                 "(ns: inside the noise, p ≥ 0.05). Rank ties (=k): overlapping intervals.", "",
                 n.to_markdown(index=False, disable_numparse=True), ""]
         rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=dest, stem=stem)
@@ -423,10 +470,12 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
         for name in registry.names("report"):
             try:
                 text += registry.load("report", name)(rc) or []
-            except (BenchError, OSError):  # a full disk is not the report's fault
+            except OSError:  # a full disk is not the report's fault
                 raise
-            except Exception as exc:
-                raise BenchError(f"report '{name}' failed on {stem}: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # one broken report plugin must not take everyone's leaderboard down
+                failure = f"{registry.who('report', name)} failed on {stem}: {registry.one_line(exc)}"
+                logging.getLogger("bench").warning("bench: warning: %s", failure)
+                text += [f"## Report '{name}' failed", "", failure.replace("|", "/"), ""]
         text += checks_section(configs)
         _replace_file("\n".join(text), path)
         written.append(path)

@@ -12,6 +12,15 @@ GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "ben
 BASES = {"defense": Defense, "attack": Attack}
 
 
+class PluginLoadError(BenchError):
+    """A registered plugin that cannot be imported or is not a plugin class: `bench list` shows it as broken
+    and `--attacks all` skips it; naming it explicitly is still a user error."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
@@ -54,16 +63,42 @@ def load(kind: str, name: str) -> type:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except Exception as exc:  # a broken third-party plugin must not look like our crash
-        raise BenchError(f"could not load {kind} '{name}' from {prov}: {type(exc).__name__}: {exc}") from exc
+        reason = one_line(exc)
+        raise PluginLoadError(f"could not load {kind} '{name}' from {prov}: {reason}", reason) from exc
     if kind == "report":
         if not callable(obj):
-            raise BenchError(f"report '{name}' ({prov}) is not callable")
+            raise PluginLoadError(f"report '{name}' ({prov}) is not callable", "not callable")
         return obj
     if not (isinstance(obj, type) and issubclass(obj, BASES[kind])):
-        raise BenchError(f"{kind} '{name}' ({prov}) is not a subclass of bench.api.{BASES[kind].__name__}")
+        reason = f"not a subclass of bench.api.{BASES[kind].__name__}"
+        raise PluginLoadError(f"{kind} '{name}' ({prov}) is {reason}", reason)
     obj.name = name
     return obj
 
 
 def names(kind: str) -> list[str]:
     return sorted(providers(kind))
+
+
+def load_all(kind: str) -> tuple[dict[str, type], dict[str, PluginLoadError]]:
+    """Every loadable plugin of one kind by name, and the broken ones with their errors: one broken
+    third-party package must not take the others down with it."""
+    loaded, broken = {}, {}
+    for name in names(kind):
+        try:
+            loaded[name] = load(kind, name)
+        except PluginLoadError as exc:
+            broken[name] = exc
+    return loaded, broken
+
+
+def who(kind: str, name: str) -> str:
+    """"attack 'x' (module:Class from dist)": how failures name the plugin at fault."""
+    prov = providers(kind).get(name)
+    return f"{kind} '{name}'" + (f" ({prov.value} from {prov.dist})" if prov else "")
+
+
+def one_line(exc: BaseException) -> str:
+    """'ExcType: message' on one line (a plugin's multi-line message would break the one-line contract)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

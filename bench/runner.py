@@ -6,13 +6,12 @@ database is opened, so a mistake never touches stored results.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 import re
+import sqlite3
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,12 +121,19 @@ def attack_names(attacks: Any) -> list[str]:
     return list(dict.fromkeys(parse_attack(i)[0] for i in attack_items(attacks)))
 
 
+_warned_broken: set[str] = set()  # a sweep prepares many jobs: say it once per process
+
+
 def attack_items(attacks: Any) -> list[str]:
     items = split_attacks(attacks)
     if not items:
         raise BenchError("no attacks given (use --attacks pgd10,fgsm or --attacks all)")
     if "all" in items:  # every attack of the suite, plus any extra items (e.g. pgd10[eps=4/255])
-        classes = {n: registry.load("attack", n) for n in registry.names("attack")}
+        classes, broken = registry.load_all("attack")
+        for name, exc in broken.items():  # one broken package must not stop everyone's suite
+            if name not in _warned_broken:
+                _warned_broken.add(name)
+                log.warning("bench: warning: --attacks all skips %s", exc)
         chosen = [n for n, cls in classes.items() if getattr(cls, "in_all", True)]
         suite = sorted(chosen, key=lambda n: (getattr(classes[n], "order", 50), n))
         at = items.index("all")
@@ -304,11 +310,54 @@ def _protocol_for(cfg: RunConfig, has_surrogate: bool | None) -> str:
     return "paper" if (cfg.protocol == "paper" and has_surrogate) else "adaptive"
 
 
+BUILD = "(build)"  # the failures-table cell of a defense whose build failed: the whole job
+# Faults of the machine, not of a plugin: they end the command (the CLI says so in one line), as before.
+ENVIRONMENT_FAULTS = (OSError, sqlite3.Error)
+CORE = Path(__file__).resolve().parent
+
+
+def _plugin_fault(exc: Exception) -> bool:
+    """Whether `exc` is the plugin's failure. A BenchError raised by bench's own code on a plugin's behalf (a
+    corrupt cached base model, missing data) is the user's to fix, as before: exit 2, not a failed cell."""
+    if isinstance(exc, ENVIRONMENT_FAULTS):
+        return False
+    if not isinstance(exc, BenchError):
+        return True
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return not Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(CORE)
+
+
+class PluginFailed(Exception):
+    """`bench check` stores nothing: a defense that fails to build ends it, named, with exit 1."""
+
+    def __init__(self, failure: "Failure") -> None:
+        super().__init__(failure.line())
+        self.failure = failure
+
+
+@dataclass
+class Failure:
+    """A plugin that raised at run time: that cell (or, for the defense, that job) failed, the rest went on."""
+
+    plugin: str  # registry.who(): "attack 'x' (module:Class from dist)"
+    cell: str
+    protocol: str
+    error: str  # "ExcType: message", one line
+
+    def line(self) -> str:
+        return f"bench: {self.plugin} failed: {self.error}"
+
+
 def execute(prep: Prepared, *, quiet: bool = False) -> dict:
-    """Build the defense (unless every cell is finished) and evaluate the unfinished cells."""
+    """Build the defense (unless every cell is finished) and evaluate the unfinished cells. A plugin that
+    raises fails its cell (an attack) or this job (the defense): stored, named in the result's
+    `failures`, never raised."""
     cfg = prep.config
     run_id = cfg.run_id
     store = Store(cfg.out)
+    failures: list[Failure] = []
     try:
         finished = store.finished(run_id)
         known = {r["run_id"]: r for r in store.runs() if r["run_id"] == run_id}
@@ -317,19 +366,52 @@ def execute(prep: Prepared, *, quiet: bool = False) -> dict:
         protocol = _protocol_for(cfg, has_surrogate)
         attacks = substitute(prep.attacks, randomized, cfg.preset)
         wanted = [(CLEAN, NO_PROTOCOL)] + [(spec.label, protocol) for spec, _ in attacks]
+        if run_id in known:  # a new run records its request once it exists (after the build, in _evaluate)
+            store.put_requests(run_id, requested(attacks, protocol))
         todo = [cell for cell in wanted if cell not in finished]
         done_before = len(wanted) - len(todo)
         if done_before:
             log.info("run %s: %d of %d cells already finished, skipped", run_id[:10], done_before, len(wanted))
         if todo:
-            _evaluate(prep, store, run_id, finished, quiet)
+            _evaluate(prep, store, run_id, finished, quiet, failures)
         run = next((r for r in store.runs() if r["run_id"] == run_id), None)
         if cfg.checks and run is not None:
             store.put_checks(run_id, [c.row() for c in checks.from_cells(run, store.cells(run_id))])
         attacks = substitute(prep.attacks, bool(run["randomized"]) if run else None, cfg.preset)
-        return summary(store, run_id, [spec.label for spec, _ in attacks], cfg)
+        result = summary(store, run_id, [spec.label for spec, _ in attacks], cfg)
+        result["failures"] = failures
+        return result
     finally:
         store.close()
+
+
+def requested(attacks: list[tuple[AttackSpec, Attack]], protocol: str) -> list[tuple[str, str, str]]:
+    """The (cell, protocol, threat) a run is asked for: clean and each attack."""
+    return [(CLEAN, NO_PROTOCOL, "-")] + [(spec.label, protocol, attack.threat) for spec, attack in attacks]
+
+
+def _failed(store: Store, prep: Prepared, failures: list[Failure], kind: str, name: str, cell: str,
+            protocol: str, exc: Exception) -> None:
+    """Record a plugin's failure: one line in the database and the result, the traceback in failures.log."""
+    import time
+    import traceback
+
+    cfg = prep.config
+    failure = Failure(registry.who(kind, name), cell, protocol, registry.one_line(exc))
+    failures.append(failure)
+    store.put_failure(cfg.run_id, cell=cell, protocol=protocol, plugin=failure.plugin, error=failure.error,
+                      defense=cfg.defense)
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    log.debug("%s", trace)
+    try:  # for the plugin's author; the user sees one line
+        with open(Path(cfg.out) / FAILURE_LOG, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {cfg.run_id[:10]} cell {cell} ({protocol}): "
+                    f"{failure.plugin}\n{trace}\n")
+    except OSError:
+        pass
+
+
+FAILURE_LOG = "failures.log"
 
 
 def _context(prep: Prepared, quiet: bool) -> Context:
@@ -348,25 +430,34 @@ def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:
     start = time.perf_counter()
     defended = prep.defense.build(ctx)
     if not isinstance(defended, Defended) or not isinstance(defended.model, torch.nn.Module):
-        raise BenchError(f"defense '{cfg.defense}' returned {type(defended).__name__}, not bench.api.Defended")
+        raise TypeError(f"build() returned {type(defended).__name__}, not bench.api.Defended")
     return defended, time.perf_counter() - start
 
 
-def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool) -> None:
+def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool,
+              failures: list[Failure]) -> None:
     cfg = prep.config
     ctx = _context(prep, quiet)
-    defended, build_seconds = _build(prep, ctx)
     probes, stored = [], {c["name"]: c for c in store.checks(run_id)}
     reuse = cfg.checks and all(name in stored for name in checks.PROBES)
-    if reuse:
-        # a resumed run: its probes were taken on this same model and batch (on a large batch-dependent
-        # composition they cost minutes, as much as an attack)
-        probes = [checks.CheckResult(name, stored[name]["status"], stored[name]["detail"], stored[name]["flag"])
-                  for name in checks.PROBES]
-    elif cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
-        x0, y0 = next(prep.data.test.batches(cfg.preset.eval_batch_size))
-        probes = checks.probe(defended, x0.to(prep.device), y0.to(prep.device), cfg.preset.eps,
-                              ctx.generator("checks:large-eps"))
+    try:
+        defended, build_seconds = _build(prep, ctx)
+        if reuse:
+            # a resumed run: its probes were taken on this same model and batch (on a large batch-dependent
+            # composition they cost minutes, as much as an attack)
+            probes = [checks.CheckResult(name, stored[name]["status"], stored[name]["detail"],
+                                         stored[name]["flag"]) for name in checks.PROBES]
+        elif cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
+            x0, y0 = next(prep.data.test.batches(cfg.preset.eval_batch_size))
+            probes = checks.probe(defended, x0.to(prep.device), y0.to(prep.device), cfg.preset.eps,
+                                  ctx.generator("checks:large-eps"))
+    except Exception as exc:  # (a fault of the environment or the user still ends the command)
+        if not _plugin_fault(exc):
+            raise
+        # the defense plugin (or its model, probed) raised: this job fails, others go on
+        _failed(store, prep, failures, "defense", cfg.defense, BUILD, NO_PROTOCOL, exc)
+        return
+    store.clear_failure(run_id, BUILD, NO_PROTOCOL)
     if probes:
         if probes[0].flag == "⚠ undeclared randomness":
             defended.randomized = True
@@ -384,23 +475,39 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
     if probes and not reuse:
         store.put_checks(run_id, [c.row() for c in probes])
     protocol = _protocol_for(cfg, defended.surrogate is not None)
+    attacks = substitute(prep.attacks, defended.randomized, cfg.preset)
+    store.put_requests(run_id, requested(attacks, protocol))
     test = prep.data.test
     batch = cfg.preset.eval_batch_size
     if (CLEAN, NO_PROTOCOL) not in finished:
-        res = clean_cell(defended, test, batch, prep.device, progress=ctx.progress)
+        try:
+            res = clean_cell(defended, test, batch, prep.device, progress=ctx.progress)
+        except Exception as exc:  # (a fault of the environment or the user still ends the command)
+            if not _plugin_fault(exc):
+                raise
+            # the defended model itself fails: every attack would too
+            _failed(store, prep, failures, "defense", cfg.defense, CLEAN, NO_PROTOCOL, exc)
+            return
         store.put_cell(run_id, attack=CLEAN, protocol=NO_PROTOCOL, name=CLEAN, params={}, norm="-", eps=0.0,
                        threat="-", flags=res.flags, seconds=res.seconds, extra=res.extra)
         log.info("clean: %.2f%% of %d (%.1fs)", 100 * res.accuracy, len(res.flags), res.seconds)
     # Under the paper protocol the attack differentiates the surrogate, which is never batch-dependent.
     target = defended if protocol == "adaptive" else Defended(
         model=defended.surrogate, batch_dependent=False, randomized=defended.randomized, info=defended.info)
-    for spec, attack in substitute(prep.attacks, defended.randomized, cfg.preset):
+    for spec, attack in attacks:
         if (spec.label, protocol) in finished:
             continue
         _seed_all(cfg.seed, "attack", spec.label)
-        attack.setup(ctx, target)
-        res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
-                                      protocol=protocol, progress=ctx.progress, desc=spec.label)
+        try:
+            attack.setup(ctx, target)
+            res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
+                                          protocol=protocol, progress=ctx.progress, desc=spec.label)
+        except Exception as exc:  # (a fault of the environment or the user still ends the command)
+            if not _plugin_fault(exc):
+                raise
+            # this cell fails, the next attacks still run
+            _failed(store, prep, failures, "attack", spec.name, spec.label, protocol, exc)
+            continue
         store.put_cell(run_id, attack=spec.label, protocol=protocol, name=spec.name, params=dict(attack.params),
                        norm=attack.norm, eps=attack.eps, threat=attack.threat, flags=res.flags,
                        seconds=res.seconds, extra=res.extra)
@@ -415,7 +522,13 @@ def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResul
     """`bench check`: checks 3-8 on the first `n` test images, storing nothing but the cached models."""
     cfg = prep.config
     ctx = _context(prep, quiet)
-    defended, _ = _build(prep, ctx)
+    try:
+        defended, _ = _build(prep, ctx)
+    except Exception as exc:
+        if not _plugin_fault(exc):
+            raise
+        raise PluginFailed(Failure(registry.who("defense", cfg.defense), BUILD, NO_PROTOCOL,
+                                   registry.one_line(exc))) from exc
     subset = prep.data.test.subset(slice(0, n))
     x0, y0 = subset.x.to(prep.device), subset.y.to(prep.device)
     results = checks.probe(defended, x0, y0, cfg.preset.eps, ctx.generator("checks:large-eps"))
@@ -436,8 +549,13 @@ def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResul
 
 
 def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dict:
-    """This run's accuracies: clean, each requested attack, and the worst case per threat model."""
+    """This run's accuracies: clean, each requested attack, and the worst case per threat model; a
+    requested cell that is not stored shows as missing (or failed, with its error), and the worst case of
+    its threat model says that it lacks it."""
     cells = {(c["attack"], c["protocol"]): c for c in store.cells(run_id)}
+    failed = {(f["cell"], f["protocol"]): f for f in store.failures(run_id)}
+    absent = [r for r in store.requests(run_id) if (r["attack"] in labels or r["attack"] == CLEAN)
+              and (r["attack"], r["protocol"]) not in cells]
     rows = []
     clean = cells.get((CLEAN, NO_PROTOCOL))
     if clean is not None:
@@ -452,7 +570,20 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
         key = (c["threat"], protocol)
         base = worst.get(key, clean["flags"] if clean is not None else np.ones(c["n"], bool))
         worst[key] = base & c["flags"]
-    for (threat, protocol), flags in worst.items():
-        rows.append({"attack": "worst case", "protocol": protocol, "threat": threat, "n": int(flags.size),
-                     "accuracy": float(flags.mean()), "seconds": float("nan")})
-    return {"run_id": run_id, "defense": cfg.defense, "rows": rows, "checks": store.checks(run_id)}
+    for r in absent:
+        f = failed.get((r["attack"], r["protocol"]))
+        rows.append({"attack": r["attack"], "protocol": r["protocol"], "threat": r["threat"], "n": 0,
+                     "accuracy": float("nan"), "seconds": float("nan"),
+                     "status": f"failed: {f['error']}" if f else "missing"})
+    for (threat, protocol) in list(worst) + [(r["threat"], r["protocol"]) for r in absent if r["threat"] != "-"]:
+        if (threat, protocol) in [(w["threat"], w["protocol"]) for w in rows if w["attack"] == "worst case"]:
+            continue
+        flags = worst.get((threat, protocol))
+        lacking = [r["attack"] + (" failed" if (r["attack"], r["protocol"]) in failed else " missing")
+                   for r in absent if r["attack"] == CLEAN or (r["threat"], r["protocol"]) == (threat, protocol)]
+        rows.append({"attack": "worst case", "protocol": protocol, "threat": threat,
+                     "n": int(flags.size) if flags is not None else 0,
+                     "accuracy": float(flags.mean()) if flags is not None else float("nan"),
+                     "seconds": float("nan"), "incomplete": lacking})
+    return {"run_id": run_id, "defense": cfg.defense, "rows": rows, "checks": store.checks(run_id),
+            "build_failure": failed.get((BUILD, NO_PROTOCOL))}

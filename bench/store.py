@@ -67,6 +67,24 @@ CREATE TABLE IF NOT EXISTS checks (
     created REAL NOT NULL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS requests (
+    run_id TEXT NOT NULL,
+    attack TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    threat TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, attack, protocol)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    run_id TEXT NOT NULL,
+    cell TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    error TEXT NOT NULL,
+    defense TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, cell, protocol)
+);
 """
 
 DB_NAME = "results.sqlite"
@@ -198,6 +216,28 @@ class Store:
                 (run_id, attack, protocol, name, json.dumps(params, sort_keys=True, default=_jsonable), norm,
                  float(eps), threat, int(flags.size), int(flags.sum()), pack(flags), float(seconds),
                  json.dumps(extra, sort_keys=True, default=_jsonable), time.time()))
+            # a later success of a cell that failed clears its failure
+            self.conn.execute("DELETE FROM failures WHERE run_id=? AND cell=? AND protocol=?",
+                              (run_id, attack, protocol))
+
+    def put_requests(self, run_id: str, cells: Iterable[tuple[str, str, str]]) -> None:
+        """(attack, protocol, threat) cells a run was asked for: a cell requested but never stored (a run
+        killed mid-way, or a failed plugin) marks the run incomplete instead of leaving it looking whole."""
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO requests (run_id, attack, protocol, threat, created) VALUES (?,?,?,?,?)",
+                [(run_id, attack, protocol, threat, time.time()) for attack, protocol, threat in cells])
+
+    def put_failure(self, run_id: str, *, cell: str, protocol: str, plugin: str, error: str, defense: str) -> None:
+        """A plugin that raised on this cell (or BUILD_FAILED: on the defense); cleared when the cell is stored."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO failures (run_id, cell, protocol, plugin, error, defense, created) "
+                "VALUES (?,?,?,?,?,?,?)", (run_id, cell, protocol, plugin, error, defense, time.time()))
+
+    def clear_failure(self, run_id: str, cell: str, protocol: str) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM failures WHERE run_id=? AND cell=? AND protocol=?", (run_id, cell, protocol))
 
     def put_checks(self, run_id: str, results: Iterable[tuple[str, str, str, str]]) -> None:
         """(name, status, detail, flag) rows; a check stored again replaces its earlier result."""
@@ -234,6 +274,16 @@ class Store:
                 d["flags"] = _unpack_checked(self.path, d, where)
                 out.append(d)
         return out
+
+    def requests(self, run_id: str) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM requests WHERE run_id=? ORDER BY created, attack",
+                                                   (run_id,))]
+
+    def failures(self, run_id: str | None = None) -> list[dict]:
+        query, args = "SELECT * FROM failures", ()
+        if run_id is not None:
+            query, args = query + " WHERE run_id=?", (run_id,)
+        return [dict(r) for r in self.conn.execute(query + " ORDER BY created", args)]
 
     def checks(self, run_id: str) -> list[dict]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM checks WHERE run_id=? ORDER BY name",

@@ -130,6 +130,8 @@ def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_ru
     bar = tqdm(list(zip(todo, prepared)), desc="sweep", disable=quiet, dynamic_ncols=True)
     for job, prep in bar:
         bar.set_postfix_str(job.label[:60])
+        # a job whose plugin fails is stored as failed and the grid goes on (the CLI exits 1 at the end)
         summary = runner.execute(prep, quiet=True)
-        results.append({"label": job.label, "run_id": prep.config.run_id, "summary": summary})
+        results.append({"label": job.label, "run_id": prep.config.run_id, "summary": summary,
+                        "out": prep.config.out})
     return results
