@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sqlite3
 import time
 from contextlib import closing
@@ -156,6 +157,8 @@ class Store:
                 for (table, column), ddl in ADDED_COLUMNS.items():
                     if column not in tables[table]:
                         self.conn.execute(ddl)
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    _exact_labels(self.conn)
                 self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -288,6 +291,26 @@ class Store:
     def checks(self, run_id: str) -> list[dict]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM checks WHERE run_id=? ORDER BY name",
                                                    (run_id,))]
+
+
+def _exact_labels(conn) -> None:
+    """Databases from before versioning keyed cells and threat models by budgets rounded to 4 significant
+    digits (`pgd10[eps=0.01569]`, `Linf eps=0.03137`); today's code writes them exactly (`4/255`). Rewrite
+    them from each cell's stored values, so a resumed run neither recomputes a finished cell nor splits
+    one budget's worst case into two groups (each over fewer attacks, so more robust than it is)."""
+    from bench.config import exact_text
+
+    rows = conn.execute("SELECT rowid, attack, params, norm, eps, threat FROM cells").fetchall()
+    for rowid, attack, params, norm, eps, threat in rows:
+        if threat != "-":
+            threat = f"{norm} eps={exact_text(float(eps))}"
+        name, bracket, inner = attack.partition("[")
+        if bracket and inner.endswith("]"):
+            stored = json.loads(params) if params else {}
+            items = re.findall(r"(\w+)=((?:(?!,\w+=).)*)", inner[:-1])  # values may hold commas: (1, 2)
+            attack = name + "[" + ",".join(
+                f"{k}={exact_text(stored[k]) if isinstance(stored.get(k), float) else v}" for k, v in items) + "]"
+        conn.execute("UPDATE OR IGNORE cells SET attack=?, threat=? WHERE rowid=?", (attack, threat, rowid))
 
 
 def _tables(conn) -> dict[str, dict[str, str]]:

@@ -130,6 +130,28 @@ def test_database_of_earlier_code_is_upgraded_and_kept(bench, results):
     assert bench("leaderboard", "--out", results, "--dest", results / "lb").code == 0
 
 
+def test_rounded_labels_of_earlier_code_are_made_exact_on_upgrade(bench, results):
+    """Before versioning, labels and threat models carried budgets rounded to 4 digits. The upgrade rewrites
+    them from the stored values: the finished cell is reused under its exact label, and its worst case is
+    not split from the cells computed afterwards (a split worst case ran over fewer attacks)."""
+    res = bench(*RUN, "--attacks", "fgsm[eps=1/30]", "--out", results)
+    assert res.code == 0, res.err
+    exact = {k: c for k, c in _cells(results).items() if k[0].startswith("fgsm[")}
+    assert list(exact) == [("fgsm[eps=0.03333333333333333]", "adaptive")]
+    db = results / "results.sqlite"
+    _sql(db, "UPDATE cells SET attack='fgsm[eps=0.03333]', threat='Linf eps=0.03333' WHERE attack LIKE 'fgsm[%'",
+         "UPDATE cells SET threat='Linf eps=0.1' WHERE attack='fgsm'", "PRAGMA user_version=0")
+    res = bench(*RUN, "--attacks", "fgsm,fgsm[eps=1/30],pgd10[eps=1/30]", "--out", results)
+    assert res.code == 0, res.err
+    cells = _cells(results)
+    again = cells[("fgsm[eps=0.03333333333333333]", "adaptive")]
+    assert again["created"] == exact[("fgsm[eps=0.03333333333333333]", "adaptive")]["created"]  # not recomputed
+    assert ("fgsm[eps=0.03333]", "adaptive") not in cells
+    assert again["threat"] == cells[("pgd10[eps=0.03333333333333333]", "adaptive")]["threat"] == \
+        "Linf eps=0.03333333333333333"
+    assert cells[("fgsm", "adaptive")]["threat"] == "Linf eps=0.1"
+
+
 # ----------------------------------------------------------------------------------------------------
 # corruption
 
