@@ -153,10 +153,13 @@ def report(rc) -> list[str]:
         row = [name, f"{100 * (1 - clean):.1f}" if clean == clean else "—"]
         for t in threats:
             robust = rc.accuracy(cfg, f"worst:{t}")[1]
-            row.append(f"{100 * (1 - robust):.1f}" if robust == robust else "—")
+            # a worst case over fewer attacks than another row's, or missing a requested one, says so
+            row.append(f"{100 * (1 - robust):.1f}{rc.fewer_attacks_mark(cfg, variants, t)}" if robust == robust
+                       else "—")
         rows.append(row)
     table = pd.DataFrame(rows, columns=["Variant", "Test error %"] + [f"Robust test error % ({t})" for t in threats])
     return ["## Fragile features and BN (Walter et al.'s table)", "",
-            "Error = 100 − accuracy; robust error uses the worst case over the attacks run. `+log` / `+conv1`: "
+            "Error = 100 − accuracy; robust error uses the worst case over the attacks run († without X: over "
+            "fewer attacks than another row; ‡: a requested attack is missing or failed). `+log` / `+conv1`: "
             "the last Linear / first conv also trained.", "",
             table.to_markdown(index=False, disable_numparse=True), ""]

@@ -189,3 +189,29 @@ def test_unknown_format(bench, swept, tmp_path):
     _, out = swept
     res = bench("leaderboard", "--out", out, "--dest", tmp_path, "--format", "xlsx")
     assert res.code == 2 and "format must be md, csv or json" in res.err
+
+
+def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks(tmp_path):
+    """Walter et al.'s table shows robust error from worst cases: one over fewer attacks than another row's
+    (†) or missing a requested attack (‡) must say so, as the main table does."""
+    import numpy as np
+
+    from bench.api import ReportContext
+    from bench.leaderboard import Config, Run
+    from defenses.fragile_features import report
+
+    def cfg(defense, attacks, missing=()):
+        flags = np.ones(8, bool)
+        cells = {(a, "adaptive"): {"threat": "Linf eps=0.1", "flags": flags.copy()} for a in attacks}
+        lacking = [{"attack": a, "protocol": "adaptive", "threat": "Linf eps=0.1", "error": None} for a in missing]
+        run = {"run_id": defense, "seed": 0, "batch_dependent": 0, "info": {}}
+        return Config(defense, {}, [Run(run, flags.copy(), cells, [], lacking)])
+
+    configs = [cfg("pgd_at", ["pgd10", "fgsm"]), cfg("bn_stats", ["pgd10"]),
+               cfg("bn_params", ["pgd10"], missing=["fgsm"])]
+    rc = ReportContext(configs=configs, dataset="digits", arch="tiny_cnn", preset="smoke", dest=tmp_path, stem="x")
+    lines = "\n".join(report(rc)).splitlines()
+    rows = {ln.split("|")[1].strip(): ln.split("|")[3].strip() for ln in lines if ln.startswith("| ")}
+    assert rows["pgd_at"] == "0.0"
+    assert rows["bn_stats"] == "0.0 † without fgsm"
+    assert rows["bn_params"] == "0.0 † without fgsm ‡ incomplete: fgsm missing"
