@@ -140,9 +140,12 @@ def test_autoattack_matches_pyautoattack_called_directly(trained):
 
 
 def test_deepfool_matches_torchattacks(cifar10_dir):
-    """Same 64 CIFAR images of a trained small model: the same flipped set within 2 images and the median
-    ||delta||_2 within 10%. Each attack's flips are judged the way it decides them (torchattacks: one image
-    at a time; ours: in the batch)."""
+    """Same 64 CIFAR images of a trained small model: the same flipped set within 2 images and, on the images
+    both flip, the same ||delta||_2 per image (median ratio within 2%, at most 2 images off by over 5%).
+    Each attack's flips are judged the way it decides them (torchattacks: one image at a time; ours: in
+    the batch), so an image DeepFool leaves on the boundary can count for one and not the other. Hence
+    per-image ratios, not the medians of the two flipped sets: one such image moves a median of ~22 norms
+    to the next order statistic (10% away on the model trained with 2 threads, all ratios 1.0000)."""
     import torchattacks
 
     ds = data.load("cifar10", cifar10_dir, n_val=100, n_test=64)
@@ -161,9 +164,10 @@ def test_deepfool_matches_torchattacks(cifar10_dir):
     with torch.no_grad():
         ref_flipped = torch.cat([model(ref[i:i + 1]).argmax(1) for i in range(len(x))]) != y
     assert int((flipped ^ ref_flipped).sum()) <= 2
-    ours_l2 = (x_min - x).flatten(1).norm(dim=1)[flipped & correct]
-    ref_l2 = (ref - x).flatten(1).norm(dim=1)[ref_flipped & correct]
-    assert float(ours_l2.median()) == pytest.approx(float(ref_l2.median()), rel=0.10)
+    both = flipped & ref_flipped & correct
+    ratio = (x_min - x)[both].flatten(1).norm(dim=1) / (ref - x)[both].flatten(1).norm(dim=1)
+    assert float(ratio.median()) == pytest.approx(1.0, abs=0.02)  # no systematic gap (overshoot 0.05: 1.022)
+    assert int(((ratio - 1).abs() > 0.05).sum()) <= 2  # nor a gap on a few images (2 candidates: 5 images)
     boxed = make("deepfool", ds, Defended(model)).minimal(model, x, y)[1]  # the default variant agrees here too
     assert int((boxed ^ ref_flipped).sum()) <= 2
 
