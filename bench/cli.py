@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from bench import config as config_mod, registry
-from bench.errors import BenchError
+from bench.errors import BenchError, os_reason
 
 log = logging.getLogger("bench")
 _argv: list[str] = []  # the arguments of this invocation, stored with each run as its command
@@ -331,6 +331,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except click.ClickException as exc:
         click.echo(f"bench: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # the machine's fault, found after work started (a full disk while caching a model)
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"bench: error: {os_reason(exc)}{where}; finished cells are stored, fix it and re-run the "
+                   f"command to resume", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("bench: interrupted; finished cells are stored, re-run the command to resume", err=True)

@@ -332,3 +332,25 @@ def test_report_figure_names_are_checked(tmp_path):
     for name in ("../../x", "a/b", ".x", ""):
         with pytest.raises(BenchError, match="not a safe file name"):
             rc.figure(name)
+
+
+def test_disk_full_while_caching_a_model_is_one_line_and_a_rerun_completes(bench, tmp_path, monkeypatch):
+    """An OSError outside the database (here: the disk fills while the trained base is cached) ends the
+    command with one line naming the cause, not a traceback; once there is space the same command runs."""
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    command = ["run", "--preset", "smoke", "--defense", "standard", "--attacks", "fgsm", "--quiet",
+               "--set", "epochs_standard=1", "--out", tmp_path / "results"]
+    _one_line_exit_2(bench(*command), "disk full", "re-run the command")
+    monkeypatch.setattr(torch, "save", real_save)
+    res = bench(*command)
+    assert res.code == 0, res.err
+    assert ("fgsm", "adaptive") in _cells(tmp_path / "results")
