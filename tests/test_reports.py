@@ -198,7 +198,7 @@ def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks
 
     from bench.api import ReportContext
     from bench.leaderboard import Config, Run
-    from defenses.fragile_features import report
+    from defenses.fragile_features_report import report
 
     def cfg(defense, attacks, missing=()):
         flags = np.ones(8, bool)
