@@ -12,7 +12,7 @@ import torch
 from attacks import torchattacks_adapter as ta
 from attacks.found_norms import FoundNorms
 from bench.api import Attack, Param
-from bench.pgd import project
+from bench.projected_gradient import project
 
 
 class CWL2(Attack):

@@ -28,7 +28,7 @@ import torch
 from attacks.found_norms import FoundNorms
 from bench import state
 from bench.api import Attack, Param
-from bench.pgd import project
+from bench.projected_gradient import project
 
 
 class DeepFool(Attack):

@@ -1,6 +1,6 @@
-"""The PGD family on the shared loop of `bench.pgd` (best iterate over steps and restarts; one forward
-and one input-gradient backward per step, on the whole batch, so batch-dependent defenses are attacked in
-their own composition).
+"""The PGD family on the shared loop of `bench.projected_gradient` (best iterate over steps and restarts;
+one forward and one input-gradient backward per step, on the whole batch, so batch-dependent defenses are
+attacked in their own composition).
 
 - `pgd10`: L-inf, 10 steps of eps/4 (2/255 at 8/255), uniform random start.
 - `pgd50`: 50 steps, 5 restarts: the stronger budget for monotonicity checks.
@@ -13,7 +13,7 @@ import torch
 
 from bench import state
 from bench.api import Attack, Param
-from bench.pgd import ce_loss, cw_loss, pgd
+from bench.projected_gradient import ce_loss, cw_loss, pgd
 
 EPS = Param(8 / 255, "L-inf budget", above=0, high=1, preset="eps")
 ALPHA = Param(None, "step size; default eps/4", kind=float, above=0)

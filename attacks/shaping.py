@@ -21,7 +21,7 @@ import torch
 from bench import state
 from bench.api import Attack, Param
 from bench.evaluate import finish
-from bench.pgd import best_of, pgd
+from bench.projected_gradient import best_of, pgd
 
 
 class Shaping(Attack):

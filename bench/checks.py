@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench import state
-from bench.pgd import pgd
+from bench.projected_gradient import pgd
 from bench.stats import mcnemar
 
 ORDER = ["state_preserved", "budget", "determinism", "batch_dependence", "gradient_health", "large_eps",

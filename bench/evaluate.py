@@ -81,7 +81,7 @@ class BatchComposition(torch.nn.Module):
         out = self.model(full)
         rows = out[idx]
         with torch.no_grad():
-            from bench.pgd import better, ce_loss
+            from bench.projected_gradient import better, ce_loss
 
             wrong, loss = rows.argmax(1) != self.y[idx], ce_loss(rows.detach(), self.y[idx])
             delta = (x.detach() - self.anchor[idx]).flatten(1)
@@ -97,7 +97,7 @@ class BatchComposition(torch.nn.Module):
 
     def finish(self, x_lib: torch.Tensor) -> torch.Tensor:
         """Per sample, the library's result or the best point queried, judged on full batches."""
-        from bench.pgd import best_of
+        from bench.projected_gradient import best_of
 
         return best_of(self.model, self.y, [x_lib.detach(), self.best])
 

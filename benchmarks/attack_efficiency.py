@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import config, data, models
-from bench.pgd import pgd
+from bench.projected_gradient import pgd
 from timing import sync
 
 

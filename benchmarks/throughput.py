@@ -6,8 +6,8 @@
 The issue-6 comparison: run it once on the CPU and once on a GPU, same arguments, and divide. Both numbers
 come from the harness's own code paths: `bench.train.train` with the `pgd_at` base recipe of the `mini`
 preset (PGD-10 crafting in train mode + one SGD step per batch, bf16 autocast where the device supports it)
-and `bench.pgd.pgd` in fp32 on the eval-mode model, as evaluation runs it. A short untimed warm-up comes
-first (cuDNN autotuning, allocator growth), so the timed figures are the steady state.
+and `bench.projected_gradient.pgd` in fp32 on the eval-mode model, as evaluation runs it. A short untimed
+warm-up comes first (cuDNN autotuning, allocator growth), so the timed figures are the steady state.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from bench import config, data, models
 from bench.api import Context
 from bench.checkpoints import recipe_plan
-from bench.pgd import pgd
+from bench.projected_gradient import pgd
 from bench.train import TrainSpec, resolve_precision, train
 from timing import sync
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from bench import layers, models
 from bench.api import Context, Defended, Defense, Param
 from bench.config import stable_hash
-from bench.pgd import pgd
+from bench.projected_gradient import pgd
 from bench.train import PGDAdversarial, Schedule, TrainSpec, accuracy, autocast_factory, robust_accuracy, train
 
 EXTRA = Param((), "also train: logits (the last Linear), conv1 (the first conv)", kind=tuple, item=str,

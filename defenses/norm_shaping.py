@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from bench import layers, models
 from bench.api import Context, Defended, Defense, Param
 from bench.config import stable_hash
-from bench.pgd import pgd
+from bench.projected_gradient import pgd
 from bench.train import TRADES, Objective, Schedule, TrainSpec, trades_attack, train
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from bench import layers
 from bench.api import Context, Defended, Defense, Param
 from bench.errors import BenchError
-from bench.pgd import pgd
+from bench.projected_gradient import pgd
 from bench.train import Clean, accuracy, autocast_factory, finetune_spec, robust_accuracy, train
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))

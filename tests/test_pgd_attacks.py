@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import data, models, state, train
-from bench.pgd import ce_loss, cw_loss, pgd
+from bench.projected_gradient import ce_loss, cw_loss, pgd
 from bench.registry import load
 
 DEVICE = torch.device("cpu")
