@@ -419,10 +419,16 @@ class Setting:
 
 TOP, CELL = ("top",), ("cell",)
 TOP_AND_CELL = ("top", "cell")
+# The order is that of the options in `--help` (RUN_AND_CHECK ones first) and in a sweep job's command.
 SETTINGS: tuple[Setting, ...] = (
     Setting("defense", NAME, None, ("--defense",), "Defense name (see `bench list`).", RUN_AND_CHECK, sweep=CELL),
     Setting("params", VALUES, {}, ("--param",), "Defense parameter.", RUN_AND_CHECK, metavar="KEY=VALUE",
             read=parse_assignments, multiple=True, sweep=CELL),
+    Setting("attacks", NAMES, "pgd10,fgsm", ("--attacks",),
+            "Comma-separated attack names (name[key=value;...] for parameters), or 'all'.", show_default=True,
+            read=_any_text, sweep=TOP_AND_CELL, pinned=True),  # empty: prepare says "no attacks given"
+    Setting("attack_params", ATTACK_PARAMS, {}, ("--attack-param",), "Attack parameter, e.g. fgsm.eps=16/255.",
+            metavar="ATTACK.KEY=VALUE", read=parse_attack_params, multiple=True),
     Setting("preset", NAME, DEFAULT_PRESET, ("--preset",), f"Scale: {', '.join(PRESETS)}.", RUN_AND_CHECK,
             show_default=True, sweep=TOP_AND_CELL, pinned=True),
     Setting("dataset", NAME, None, ("--dataset",), "digits, cifar10 or cifar100 (default: the preset's).",
@@ -435,6 +441,8 @@ SETTINGS: tuple[Setting, ...] = (
             sweep=TOP),
     Setting("seed", SEED, 0, ("--seed",), "Run seed.", RUN_AND_CHECK, show_default=True,
             read=_integer),  # a sweep's `seeds` (sweep.AXES) sets it
+    Setting("protocol", NAME, "adaptive", ("--protocol",),
+            "adaptive (attack the defended model) or paper (attack its surrogate)."),  # sweeps: `protocols`
     Setting("out", NAME, "results", ("--out",), "Results directory (database and cached models).", RUN_AND_CHECK,
             show_default=True, sweep=TOP),
     Setting("precision", NAME, "auto", ("--precision",),
@@ -448,13 +456,6 @@ SETTINGS: tuple[Setting, ...] = (
             from_toml=lambda v: {"pgd_at": v} if isinstance(v, str) else dict(v)),
     Setting("quiet", None, False, ("--quiet", "-q"), "No progress bars or progress messages.", RUN_AND_CHECK,
             switch=True),
-    Setting("attacks", NAMES, "pgd10,fgsm", ("--attacks",),
-            "Comma-separated attack names (name[key=value;...] for parameters), or 'all'.", show_default=True,
-            read=_any_text, sweep=TOP_AND_CELL, pinned=True),  # empty: prepare says "no attacks given"
-    Setting("attack_params", ATTACK_PARAMS, {}, ("--attack-param",), "Attack parameter, e.g. fgsm.eps=16/255.",
-            metavar="ATTACK.KEY=VALUE", read=parse_attack_params, multiple=True),
-    Setting("protocol", NAME, "adaptive", ("--protocol",),
-            "adaptive (attack the defended model) or paper (attack its surrogate)."),  # sweeps: `protocols`
     Setting("checks", BOOL, True, ("--no-checks",), "Skip the sanity checks.", switch=True, sweep=TOP),
 )
 SETTING = {s.name: s for s in SETTINGS}

@@ -88,22 +88,22 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
 
 
 def equivalent_command(req) -> str:
-    """The `bench run` command that computes this job (stored with the run, printed in leaderboards)."""
-    args = ["bench", "run", "--defense", req.defense]
-    for k, v in req.params.items():
-        args += ["--param", f"{k}={_value(v)}"]
-    args += ["--attacks", req.attacks, "--preset", req.preset]
-    for flag, value in (("--dataset", req.dataset), ("--data-dir", req.data_dir), ("--arch", req.arch)):
-        if value:
-            args += [flag, str(value)]
-    for k, v in req.sets.items():
-        args += ["--set", f"{k}={_value(v)}"]
-    if req.seed:
-        args += ["--seed", str(req.seed)]
-    if req.protocol != "adaptive":
-        args += ["--protocol", req.protocol]
-    if req.out != "results":
-        args += ["--out", req.out]
+    """The `bench run` command that computes this job (stored with the run, printed in leaderboards): each
+    setting of a run's TOML file (config.SETTINGS) that is not at its default, or is pinned, in table order."""
+    args = ["bench", "run"]
+    for s in config_mod.SETTINGS:
+        value = getattr(req, s.name)
+        if s.kind is None or not s.flags or value is None or value == {} or (value == s.default and not s.pinned):
+            continue
+        if s.switch:
+            args.append(s.flags[0])
+        elif isinstance(value, dict):  # --param k=v, --attack-param fgsm.eps=v, --base-checkpoint recipe=path
+            for k, v in value.items():
+                pairs = [(f"{k}.{k2}", v2) for k2, v2 in v.items()] if isinstance(v, dict) else [(k, v)]
+                for key, item in pairs:
+                    args += [s.flags[0], f"{key}={_value(item)}"]
+        else:
+            args += [s.flags[0], str(value)]
     return shlex.join(args)
 
 

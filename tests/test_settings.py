@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 import pytest
 
@@ -110,3 +111,18 @@ def test_no_surface_takes_an_undeclared_setting(bench, tmp_path):
     for text in ('colour = "red"' + CELL, CELL + 'colour = "red"'):
         res = bench("sweep", _toml(tmp_path, text), "--dry-run")
         assert res.code == 2 and "unknown key 'colour'" in res.err
+
+
+def test_a_sweep_jobs_command_asks_for_exactly_its_request(requested, tmp_path):
+    """The command stored with a sweep's run (and shown in leaderboards) gives back the job's every setting,
+    device, precision and checks included (they were left out)."""
+    top = [SAMPLES[s.name][1] for s in config.SETTINGS if "top" in s.sweep]
+    cell = [SAMPLES[s.name][1] for s in config.SETTINGS if "cell" in s.sweep and "top" not in s.sweep]
+    text = "\n".join(top + ["seeds = [4]", 'protocols = ["paper"]', "[[cells]]"] + cell + ['grid = { g = ["1"] }'])
+    (job,) = sweep.jobs(_toml(tmp_path, text))
+    args = shlex.split(job.request.command)
+    assert args[:2] == ["bench", "run"]
+    again = requested(*args[1:])
+    differ = {s.name for s in config.SETTINGS if s.name != "quiet"
+              and getattr(again, s.name) != getattr(job.request, s.name)}
+    assert not differ, (job.request.command, differ)
