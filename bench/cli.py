@@ -57,39 +57,41 @@ def list_cmd(verbose: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_options(f):
-    """Options shared by `bench run` and `bench check`: what is built, on which data, where."""
-    options = [
-        click.option("--defense", help="Defense name (see `bench list`)."),
-        click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Defense parameter."),
-        click.option("--preset", help=f"Scale: {', '.join(config_mod.PRESETS)}. [default: {config_mod.DEFAULT_PRESET}]"),
-        click.option("--dataset", help="digits, cifar10 or cifar100 (default: the preset's)."),
-        click.option("--data-dir", type=str, help="Directory holding cifar-*-python/ (or empty, to download)."),
-        click.option("--arch", help="Architecture (default: the preset's)."),
-        click.option("--device", help="cpu, cuda or auto. [default: auto]"),
-        click.option("--seed", type=str, help="Run seed. [default: 0]"),
-        click.option("--out", help="Results directory (database and cached models). [default: results]"),
-        click.option("--config", "config_file", type=str, help="TOML file with any of these settings."),
-        click.option("--precision", help="Training precision: auto, bf16 or fp32 (evaluation is fp32). [default: auto]"),
-        click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a preset number."),
-        click.option("--base-checkpoint", "base_checkpoints", multiple=True, metavar="[RECIPE=]PATH",
-                     help="Use this checkpoint as a base model instead of training one (recipe default pgd_at)."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars or progress messages."),
-    ]
+def _apply(options: list, f):
     for option in reversed(options):
         f = option(f)
     return f
 
 
+def setting_options(commands: tuple[str, ...]) -> list:
+    """The click options of the run settings (config.SETTINGS) taken by exactly `commands`, in table order."""
+    options = []
+    for s in config_mod.SETTINGS:
+        if s.commands != commands or not s.flags:
+            continue
+        if s.switch:
+            options.append(click.option(*s.flags, s.name, is_flag=True, help=s.help_text))
+        else:
+            options.append(click.option(*s.flags, s.name, type=str, multiple=s.multiple, metavar=s.metavar,
+                                        help=s.help_text))
+    return options
+
+
+def run_options(f):
+    """Options shared by `bench run` and `bench check`: what is built, on which data, where."""
+    return _apply(setting_options(config_mod.RUN_AND_CHECK) + [
+        click.option("--config", "config_file", type=str, help="TOML file with any of these settings.")], f)
+
+
+def run_only_options(f):
+    """Options of `bench run` alone: repeats over seeds, the attacks and how they are run."""
+    return _apply([click.option("--seeds", type=str, help="Repeat the whole run for each of these seeds, e.g. 0,1,2.")]
+                  + setting_options(config_mod.RUN_ONLY), f)
+
+
 @cli.command("run")
 @run_options
-@click.option("--seeds", type=str, help="Repeat the whole run for each of these seeds, e.g. 0,1,2.")
-@click.option("--attacks", help="Comma-separated attack names (name[key=value;...] for parameters), or 'all'. "
-                                "[default: pgd10,fgsm]")
-@click.option("--attack-param", "attack_params", multiple=True, metavar="ATTACK.KEY=VALUE",
-              help="Attack parameter, e.g. fgsm.eps=16/255.")
-@click.option("--protocol", help="adaptive (attack the defended model) or paper (attack its surrogate).")
-@click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
+@run_only_options
 def run_cmd(**opts) -> None:
     """Build a defense and attack it; results go to the results database, cell by cell."""
     from bench import runner
@@ -137,7 +139,9 @@ def _seeds(opts: dict) -> list[int | None]:
 
 
 def request_from(opts: dict):
-    from bench.runner import Request, parse_assignments, parse_attack_params
+    """The Request of `bench run` / `bench check`: the settings of `--config FILE`, then the options given
+    (an option wins; a table option such as --param updates the file's table)."""
+    from bench.runner import Request
 
     req = Request(command="bench " + shlex.join(_argv))
     if opts.get("config_file") is not None:
@@ -146,41 +150,13 @@ def request_from(opts: dict):
         path = opts["config_file"]
         conf = config_mod.read_toml(path)
         config_mod.check_toml_keys(conf, path)
-        for key in ("defense", "attacks", "preset", "dataset", "data_dir", "arch", "device", "seed", "out",
-                    "precision", "protocol", "checks"):
-            if key in conf:
-                setattr(req, key, conf[key])
-        req.params = dict(conf.get("params", {}))
-        req.attack_params = {k: dict(v) for k, v in conf.get("attack_params", {}).items()}
-        req.sets = dict(conf.get("set", {}))
-        bc = conf.get("base_checkpoint", {})
-        req.base_checkpoints = {"pgd_at": bc} if isinstance(bc, str) else dict(bc)
-    for key in ("defense", "attacks", "preset", "dataset", "data_dir", "arch", "device", "out", "precision",
-                "protocol"):
-        if opts.get(key) is not None:
-            if key != "attacks" and not opts[key].strip():  # `--dataset ""` must not mean the preset's
-                raise BenchError(f"--{key.replace('_', '-')} must not be empty")
-            setattr(req, key, opts[key])
-    if opts.get("seed") is not None:
-        try:
-            req.seed = int(opts["seed"])
-        except ValueError:
-            raise BenchError(f"seed must be an integer, got '{opts['seed']}'") from None
+        for name, value in config_mod.toml_settings(conf).items():
+            setattr(req, name, value)
+    for s in config_mod.SETTINGS:
+        given, value = s.option_value(opts.get(s.name))
+        if given:
+            setattr(req, s.name, config_mod.merge_setting(getattr(req, s.name), value))
     config_mod.check_seed(req.seed)
-    req.params.update(parse_assignments(opts.get("params"), "--param"))
-    for name, values in parse_attack_params(opts.get("attack_params")).items():
-        req.attack_params.setdefault(name, {}).update(values)
-    req.sets.update(parse_assignments(opts.get("sets"), "--set"))
-    for item in opts.get("base_checkpoints") or ():
-        recipe, sep, path = item.partition("=")
-        if not sep:
-            recipe, path = "pgd_at", item
-        if not path.strip():
-            raise BenchError(f"--base-checkpoint '{item}' names no file")
-        req.base_checkpoints[recipe.strip()] = path.strip()
-    if opts.get("no_checks"):
-        req.checks = False
-    req.quiet = bool(opts.get("quiet"))
     return req
 
 

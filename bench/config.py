@@ -309,9 +309,173 @@ ATTACK_PARAMS = ("a table of tables of values (attack_params.pgd10 = { steps = 2
                  _table_of(_table_of(_value)))
 CHECKPOINTS = ("a path or a table of recipe = path", _either(_name, _table_of(_name)))
 CELLS = ("a list of tables ([[cells]])", _list_of(lambda v: isinstance(v, dict)))
-TOML_KEYS = {"defense": NAME, "params": VALUES, "attacks": NAMES, "attack_params": ATTACK_PARAMS, "preset": NAME,
-             "dataset": NAME, "data_dir": NAME, "arch": NAME, "device": NAME, "seed": SEED, "out": NAME,
-             "precision": NAME, "protocol": NAME, "set": SETS, "base_checkpoint": CHECKPOINTS, "checks": BOOL}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run settings, each declared once (SETTINGS, below).
+
+
+def parse_assignments(items, what: str) -> dict[str, str]:
+    """['k=v', ...] -> {'k': 'v'}; a malformed item is a user error."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"malformed {what} '{item}': expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_attack_params(items, flag: str = "--attack-param") -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, value in parse_assignments(items, flag).items():
+        name, dot, param = key.partition(".")
+        if not dot or not param:
+            raise BenchError(f"malformed {flag} '{key}={value}': expected attack.key=value")
+        out.setdefault(name, {})[param] = value
+    return out
+
+
+def _text(value: str, flag: str) -> str:
+    if not value.strip():  # `--dataset ""` must not mean the preset's
+        raise BenchError(f"{flag} must not be empty")
+    return value
+
+
+def _any_text(value: str, flag: str) -> str:
+    return value
+
+
+def _integer(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise BenchError(f"{flag.lstrip('-')} must be an integer, got '{value}'") from None
+
+
+def _checkpoints(items, flag: str) -> dict[str, str]:
+    """['[RECIPE=]PATH', ...] -> {recipe: path} (recipe default pgd_at)."""
+    out = {}
+    for item in items:
+        recipe, sep, path = item.partition("=")
+        if not sep:
+            recipe, path = "pgd_at", item
+        if not path.strip():
+            raise BenchError(f"{flag} '{item}' names no file")
+        out[recipe.strip()] = path.strip()
+    return out
+
+
+def _copy(value: Any) -> Any:
+    """A TOML value as a setting's value: tables copied (one level deep), so no request shares them."""
+    if isinstance(value, dict):
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in value.items()}
+    return value
+
+
+RUN_ONLY, RUN_AND_CHECK = ("run",), ("run", "check")  # the commands that take a setting's option
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting, declared once: from it come its `runner.Request` field and default, its option of
+    `bench run` (and `bench check`), its key in `bench run --config FILE` and in sweep files, and its place
+    in a sweep job's equivalent command. A new setting is one entry in SETTINGS, then its use in
+    `runner.prepare`."""
+
+    name: str  # the Request field, and the click option's destination
+    kind: tuple | None  # (what an error calls it, the test a TOML value passes); None: not in TOML files
+    default: Any  # a table default ({}) is copied for each request
+    flags: tuple[str, ...] = ()  # the CLI option ("--data-dir") and its short form; (): not on the CLI
+    help: str = ""
+    commands: tuple[str, ...] = RUN_ONLY
+    show_default: bool = False  # help ends with "[default: ...]"
+    metavar: str | None = None
+    read: Callable[[Any, str], Any] = _text  # (the option's value, its flag) -> the setting's value
+    multiple: bool = False  # the option may repeat; `read` gets every value
+    switch: bool = False  # an option without a value: giving it sets the opposite of the default
+    key: str = ""  # the TOML key, when it differs from the name
+    from_toml: Callable[[Any], Any] = _copy  # a validated TOML value -> the setting's value
+    sweep: tuple[str, ...] = ()  # where a sweep file takes it: "top" (for every cell), "cell" (a [[cells]] table)
+    pinned: bool = False  # named in a sweep job's command even at its default (so the command keeps its
+    #                       meaning if the default changes)
+
+    @property
+    def toml_key(self) -> str:
+        return self.key or self.name
+
+    @property
+    def help_text(self) -> str:
+        return self.help + (f" [default: {self.default}]" if self.show_default else "")
+
+    def option_value(self, given: Any) -> tuple[bool, Any]:
+        """(whether the option was given, the setting's value) from click's value for the option."""
+        if self.switch:
+            return bool(given), not self.default
+        if given is None or given == ():
+            return False, None
+        return True, self.read(given, self.flags[0])
+
+
+TOP, CELL = ("top",), ("cell",)
+TOP_AND_CELL = ("top", "cell")
+# The order is that of the options in `--help` (RUN_AND_CHECK ones first) and in a sweep job's command.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("defense", NAME, None, ("--defense",), "Defense name (see `bench list`).", RUN_AND_CHECK, sweep=CELL),
+    Setting("params", VALUES, {}, ("--param",), "Defense parameter.", RUN_AND_CHECK, metavar="KEY=VALUE",
+            read=parse_assignments, multiple=True, sweep=CELL),
+    Setting("attacks", NAMES, "pgd10,fgsm", ("--attacks",),
+            "Comma-separated attack names (name[key=value;...] for parameters), or 'all'.", show_default=True,
+            read=_any_text, sweep=TOP_AND_CELL, pinned=True),  # empty: prepare says "no attacks given"
+    Setting("attack_params", ATTACK_PARAMS, {}, ("--attack-param",), "Attack parameter, e.g. fgsm.eps=16/255.",
+            metavar="ATTACK.KEY=VALUE", read=parse_attack_params, multiple=True),
+    Setting("preset", NAME, DEFAULT_PRESET, ("--preset",), f"Scale: {', '.join(PRESETS)}.", RUN_AND_CHECK,
+            show_default=True, sweep=TOP_AND_CELL, pinned=True),
+    Setting("dataset", NAME, None, ("--dataset",), "digits, cifar10 or cifar100 (default: the preset's).",
+            RUN_AND_CHECK, sweep=TOP_AND_CELL),
+    Setting("data_dir", NAME, None, ("--data-dir",), "Directory holding cifar-*-python/ (or empty, to download).",
+            RUN_AND_CHECK, sweep=TOP_AND_CELL),
+    Setting("arch", NAME, None, ("--arch",), "Architecture (default: the preset's).", RUN_AND_CHECK,
+            sweep=TOP_AND_CELL),
+    Setting("device", NAME, "auto", ("--device",), "cpu, cuda or auto.", RUN_AND_CHECK, show_default=True,
+            sweep=TOP),
+    Setting("seed", SEED, 0, ("--seed",), "Run seed.", RUN_AND_CHECK, show_default=True,
+            read=_integer),  # a sweep's `seeds` (sweep.AXES) sets it
+    Setting("protocol", NAME, "adaptive", ("--protocol",),
+            "adaptive (attack the defended model) or paper (attack its surrogate)."),  # sweeps: `protocols`
+    Setting("out", NAME, "results", ("--out",), "Results directory (database and cached models).", RUN_AND_CHECK,
+            show_default=True, sweep=TOP),
+    Setting("precision", NAME, "auto", ("--precision",),
+            "Training precision: auto, bf16 or fp32 (evaluation is fp32).", RUN_AND_CHECK, show_default=True,
+            sweep=TOP),
+    Setting("sets", SETS, {}, ("--set",), "Override a preset number.", RUN_AND_CHECK, metavar="FIELD=VALUE",
+            read=parse_assignments, multiple=True, key="set", sweep=TOP_AND_CELL),
+    Setting("base_checkpoints", CHECKPOINTS, {}, ("--base-checkpoint",),
+            "Use this checkpoint as a base model instead of training one (recipe default pgd_at).", RUN_AND_CHECK,
+            metavar="[RECIPE=]PATH", read=_checkpoints, multiple=True, key="base_checkpoint",
+            from_toml=lambda v: {"pgd_at": v} if isinstance(v, str) else dict(v)),
+    Setting("quiet", None, False, ("--quiet", "-q"), "No progress bars or progress messages.", RUN_AND_CHECK,
+            switch=True),
+    Setting("checks", BOOL, True, ("--no-checks",), "Skip the sanity checks.", switch=True, sweep=TOP),
+)
+SETTING = {s.name: s for s in SETTINGS}
+TOML_KEYS = {s.toml_key: s.kind for s in SETTINGS if s.kind is not None}
+
+
+def toml_settings(table: dict) -> dict[str, Any]:
+    """The settings a validated TOML table gives, by Request field name."""
+    return {s.name: s.from_toml(table[s.toml_key]) for s in SETTINGS if s.kind is not None and s.toml_key in table}
+
+
+def merge_setting(old: Any, new: Any) -> Any:
+    """A command-line value over a TOML one: a table is updated key by key (attack_params attack by attack),
+    anything else replaced."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    out = _copy(old)
+    for k, v in new.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def check_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:

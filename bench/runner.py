@@ -12,7 +12,7 @@ import os
 import re
 import sqlite3
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from bench import checkpoints, checks, config as config_mod, data as data_mod, registry
 from bench.api import Attack, Context, Defended, Defense, resolve_params
-from bench.config import AttackSpec, RunConfig, stable_hash
+from bench.config import AttackSpec, RunConfig, parse_assignments, stable_hash
 from bench.errors import BenchError, os_reason
 from bench.evaluate import CellResult, attack_cell, clean_cell
 from bench.store import DB_NAME, Store
@@ -32,28 +32,17 @@ CLEAN = "clean"
 NO_PROTOCOL = "-"  # clean accuracy does not depend on the protocol
 
 
-@dataclass
-class Request:
-    """What the user asked for, merged from TOML and CLI (CLI wins), still unvalidated."""
+def _request_field(setting: config_mod.Setting) -> Any:
+    if isinstance(setting.default, dict):
+        return field(default_factory=lambda: dict(setting.default))
+    return field(default=setting.default)
 
-    defense: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    attacks: Any = "pgd10,fgsm"
-    attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    preset: str = config_mod.DEFAULT_PRESET
-    dataset: str | None = None
-    data_dir: str | None = None
-    arch: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    out: str = "results"
-    precision: str = "auto"
-    protocol: str = "adaptive"
-    sets: dict[str, Any] = field(default_factory=dict)
-    base_checkpoints: dict[str, str] = field(default_factory=dict)
-    checks: bool = True
-    quiet: bool = False
-    command: str = ""
+
+# One field per run setting, declared (with its default) in config.SETTINGS, and the command that asked.
+Request = make_dataclass("Request", [(s.name, Any, _request_field(s)) for s in config_mod.SETTINGS] +
+                         [("command", str, field(default=""))])
+Request.__module__ = __name__
+Request.__doc__ = "What the user asked for, merged from TOML and CLI (CLI wins), still unvalidated."
 
 
 @dataclass
@@ -67,27 +56,6 @@ class Prepared:
 
 # ----------------------------------------------------------------------------------------------------
 # validation
-
-
-def parse_assignments(items, what: str) -> dict[str, str]:
-    """['k=v', ...] -> {'k': 'v'}; a malformed item is a user error."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BenchError(f"malformed {what} '{item}': expected key=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def parse_attack_params(items) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for key, value in parse_assignments(items, "--attack-param").items():
-        name, dot, param = key.partition(".")
-        if not dot or not param:
-            raise BenchError(f"malformed --attack-param '{key}={value}': expected attack.key=value")
-        out.setdefault(name, {})[param] = value
-    return out
 
 
 def split_attacks(attacks: Any) -> list[str]:

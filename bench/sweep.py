@@ -27,13 +27,13 @@ from pathlib import Path
 from bench import config as config_mod
 from bench.errors import BenchError
 
-_T = config_mod.TOML_KEYS
-TOP_KEYS = {**{k: _T[k] for k in ("preset", "dataset", "data_dir", "arch", "device", "precision", "out", "attacks",
-                                  "set", "checks")},
-            "seeds": config_mod.SEEDS, "protocols": config_mod.NAMES, "cells": config_mod.CELLS}
-CELL_KEYS = {**{k: TOP_KEYS[k] for k in ("attacks", "seeds", "protocols", "set", "preset", "dataset", "data_dir",
-                                         "arch")},
-             "defense": _T["defense"], "params": _T["params"], "grid": config_mod.GRID}
+# The run settings a sweep file takes (config.SETTINGS, `sweep`), and its own keys: the axes (one run per
+# value) and the grid's structure.
+AXES = {"seeds": config_mod.SEEDS, "protocols": config_mod.NAMES}
+TOP_KEYS = {**{s.toml_key: s.kind for s in config_mod.SETTINGS if "top" in s.sweep}, **AXES,
+            "cells": config_mod.CELLS}
+CELL_KEYS = {**{s.toml_key: s.kind for s in config_mod.SETTINGS if "cell" in s.sweep}, **AXES,
+             "grid": config_mod.GRID}
 
 
 @dataclass
@@ -56,7 +56,7 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
         raise BenchError(f"{path}: no [[cells]] to run")
     if out is not None and not out.strip():
         raise BenchError("--out must not be empty")
-    out_dir = out or conf.get("out", "results")
+    out_dir = out or conf.get("out", config_mod.SETTING["out"].default)
     result = []
     for i, cell in enumerate(cells, start=1):
         where = f"{path}, cell {i}"
@@ -65,24 +65,21 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
             raise BenchError(f"{where}: no defense")
         merged = {**{k: v for k, v in conf.items() if k != "cells"}, **cell}
         axes = [(k, _as_list(v)) for k, v in cell.get("grid", {}).items()]
-        seeds = [config_mod.check_seed(s, f"{where}: each of seeds") for s in _as_list(merged.get("seeds", [0]))]
-        protocols = _as_list(merged.get("protocols", ["adaptive"]))
+        seeds = [config_mod.check_seed(s, f"{where}: each of seeds")
+                 for s in _as_list(merged.get("seeds", config_mod.SETTING["seed"].default))]
+        protocols = _as_list(merged.get("protocols", config_mod.SETTING["protocol"].default))
         for what, values in [("seeds", seeds), ("protocols", protocols)] + [(f"grid.{k}", v) for k, v in axes]:
             if not values:  # an empty list would silently drop every run of this cell
                 raise BenchError(f"{where}: {what} is an empty list")
-        attacks = merged.get("attacks", ["pgd10", "fgsm"])
-        attacks = ",".join(attacks) if isinstance(attacks, list) else str(attacks)
+        settings = config_mod.toml_settings(merged)
+        if isinstance(settings.get("attacks"), list):  # one string, as on the command line
+            settings["attacks"] = ",".join(settings["attacks"])
         for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
             params = {**cell.get("params", {}), **{k: v for (k, _), v in zip(axes, combo)}}
             for seed in seeds:
                 for protocol in protocols:
-                    req = Request(defense=cell["defense"], params=dict(params), attacks=attacks,
-                                  preset=merged.get("preset", config_mod.DEFAULT_PRESET), dataset=merged.get("dataset"),
-                                  data_dir=merged.get("data_dir"), arch=merged.get("arch"),
-                                  device=merged.get("device", "auto"), seed=seed, out=out_dir,
-                                  precision=merged.get("precision", "auto"), protocol=protocol,
-                                  sets=dict(merged.get("set", {})), checks=merged.get("checks", True),
-                                  quiet=quiet)
+                    req = Request(**{**settings, "params": dict(params), "seed": seed, "protocol": protocol,
+                                     "out": out_dir, "quiet": quiet})
                     req.command = equivalent_command(req)
                     label = f"{cell['defense']}" + "".join(f" {k}={v}" for k, v in params.items()) + \
                             f" seed={seed}" + (f" {protocol}" if protocol != "adaptive" else "")
@@ -91,22 +88,22 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
 
 
 def equivalent_command(req) -> str:
-    """The `bench run` command that computes this job (stored with the run, printed in leaderboards)."""
-    args = ["bench", "run", "--defense", req.defense]
-    for k, v in req.params.items():
-        args += ["--param", f"{k}={_value(v)}"]
-    args += ["--attacks", req.attacks, "--preset", req.preset]
-    for flag, value in (("--dataset", req.dataset), ("--data-dir", req.data_dir), ("--arch", req.arch)):
-        if value:
-            args += [flag, str(value)]
-    for k, v in req.sets.items():
-        args += ["--set", f"{k}={_value(v)}"]
-    if req.seed:
-        args += ["--seed", str(req.seed)]
-    if req.protocol != "adaptive":
-        args += ["--protocol", req.protocol]
-    if req.out != "results":
-        args += ["--out", req.out]
+    """The `bench run` command that computes this job (stored with the run, printed in leaderboards): each
+    setting of a run's TOML file (config.SETTINGS) that is not at its default, or is pinned, in table order."""
+    args = ["bench", "run"]
+    for s in config_mod.SETTINGS:
+        value = getattr(req, s.name)
+        if s.kind is None or not s.flags or value is None or value == {} or (value == s.default and not s.pinned):
+            continue
+        if s.switch:
+            args.append(s.flags[0])
+        elif isinstance(value, dict):  # --param k=v, --attack-param fgsm.eps=v, --base-checkpoint recipe=path
+            for k, v in value.items():
+                pairs = [(f"{k}.{k2}", v2) for k2, v2 in v.items()] if isinstance(v, dict) else [(k, v)]
+                for key, item in pairs:
+                    args += [s.flags[0], f"{key}={_value(item)}"]
+        else:
+            args += [s.flags[0], str(value)]
     return shlex.join(args)
 
 
