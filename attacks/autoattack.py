@@ -28,6 +28,8 @@ class AutoAttack(Attack):
     version = "standard"
     order = 70
     randomized_variant = "autoattack_rand"
+    reported_as = "AutoAttack"
+    # access stays "": its gradient stages end in Square, so it is neither side of the black-box check
 
     def validate(self, spec) -> None:
         if spec.num_classes < 4:  # the targeted DLR loss reads the 4th-largest logit

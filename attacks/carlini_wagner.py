@@ -27,6 +27,7 @@ class CWL2(Attack):
     }
     norm = "L2"
     order = 45
+    access = "white-box"
 
     def __init__(self, **params):
         super().__init__(**params)

@@ -43,6 +43,7 @@ class DeepFool(Attack):
     }
     norm = "L2"
     order = 35
+    access = "white-box"
 
     def __init__(self, **params):
         super().__init__(**params)

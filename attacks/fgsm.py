@@ -15,6 +15,8 @@ class FGSM(Attack):
     PARAMS = {"eps": Param(8 / 255, "L-inf budget (the norm-shaping slides used 16/255)", above=0, high=1,
                            preset="eps")}
     order = 10
+    access = "white-box"
+    in_check = True
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lib = ta.torchattacks()

@@ -21,6 +21,8 @@ EOT = Param(0, "gradient samples per step (0: 20 against a randomized defense, e
 
 
 class _PGDFamily(Attack):
+    access = "white-box"
+
     def loss(self):
         return ce_loss
 
@@ -40,6 +42,8 @@ class PGD10(_PGDFamily):
     PARAMS = {"eps": EPS, "alpha": ALPHA, "steps": Param(10, "iterations", low=1),
               "restarts": Param(1, "random restarts; the best iterate over all is kept", low=1), "eot": EOT}
     order = 20
+    stronger_than = ("fgsm",)  # iterated FGSM with a random start
+    in_check = True
 
 
 class PGD50(_PGDFamily):
@@ -48,6 +52,8 @@ class PGD50(_PGDFamily):
     PARAMS = {"eps": EPS, "alpha": ALPHA, "steps": Param(50, "iterations", low=1),
               "restarts": Param(5, "random restarts; the best iterate over all is kept", low=1), "eot": EOT}
     order = 40
+    stronger_than = ("pgd10",)  # more steps and restarts at the same budget
+    in_check = True
 
 
 class CWInf(_PGDFamily):

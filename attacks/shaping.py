@@ -34,6 +34,7 @@ class Shaping(Attack):
         "apgd_iters": Param(100, "APGD-CE iterations (0: PGD-10 only)", low=0),
     }
     order = 50
+    access = "white-box"
     batch_dependent_only = True  # plain PGD-10 + APGD-CE otherwise, which AutoAttack subsumes
 
     def setup(self, ctx, defended) -> None:

@@ -17,6 +17,8 @@ class Square(Attack):
         "restarts": Param(1, "restarts", low=1),
     }
     order = 60
+    access = "black-box"
+    in_check = True
 
     def perturb(self, model, x, y):
         p = self.params

@@ -293,6 +293,7 @@ class Attack(_Plugin):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _check_declarations(cls)
         value = cls.__dict__.get("eps")
         if value is not None and not isinstance(value, property):
             # A plain class attribute would hide the property below: it becomes the default of the
@@ -344,6 +345,19 @@ class Attack(_Plugin):
     # True for an attack that only adds something against batch-dependent defenses (elsewhere it reduces to
     # attacks of the suite): a leaderboard does not count it missing from other defenses' worst cases.
     batch_dependent_only: ClassVar[bool] = False
+    # What the sanity checks and the reports read of an attack; they describe it at its default parameters
+    # (a cell run with parameters of the user's, `name[key=value]`, takes part in neither check 7 nor 8).
+    # "white-box" (differentiates the model) or "black-box" (queries its outputs only): check 8 fails when a
+    # black-box attack beats the best white-box one of its threat model. "": neither (e.g. an ensemble of both).
+    access: ClassVar[str] = ""
+    # Names of attacks (same threat model, default parameters) this one must never leave more accuracy than:
+    # check 7 compares each such pair that ran, beyond noise (e.g. PGD with more steps names the one with fewer).
+    stronger_than: ClassVar[tuple[str, ...]] = ()
+    # The standard evaluation this attack implements, under which exports show it: "AutoAttack" fills the
+    # RobustBench export's autoattack_acc.
+    reported_as: ClassVar[str] = ""
+    # Run by `bench check`, whose checks 7 and 8 need a weaker/stronger pair and a black-box attack.
+    in_check: ClassVar[bool] = False
 
     batch_dependent = False
     randomized = False
@@ -380,6 +394,25 @@ class Attack(_Plugin):
     def extra(self) -> dict:
         """Attack-specific figures for the stored result (e.g. DeepFool's median perturbation norm)."""
         return {}
+
+
+ACCESS = ("", "white-box", "black-box")
+
+
+def _check_declarations(cls: type) -> None:
+    """A misspelt declaration would silently keep an attack out of the checks: refuse it when the class is
+    defined (the registry then reports the plugin as broken, naming the reason)."""
+    if isinstance(cls.stronger_than, str):  # a single name needs no tuple
+        cls.stronger_than = (cls.stronger_than,)
+    if cls.access not in ACCESS:
+        raise BenchError(f"attack class {cls.__name__}: access must be 'white-box', 'black-box' or '', "
+                         f"got {cls.access!r}")
+    if not (isinstance(cls.stronger_than, tuple) and all(isinstance(n, str) and n for n in cls.stronger_than)):
+        raise BenchError(f"attack class {cls.__name__}: stronger_than must be attack names, got {cls.stronger_than!r}")
+    if not isinstance(cls.reported_as, str):
+        raise BenchError(f"attack class {cls.__name__}: reported_as must be a string, got {cls.reported_as!r}")
+    if not isinstance(cls.in_check, bool):
+        raise BenchError(f"attack class {cls.__name__}: in_check must be True or False, got {cls.in_check!r}")
 
 
 def _budget(owner: str, value: Any) -> float:

@@ -8,10 +8,14 @@ leaderboard prints). Numbered as in the issue:
  4 batch_dependence     batch-of-1 vs batch-of-B logits differ -> batch_dependent must be declared
  5 gradient_health      zero / NaN / inf input gradients on more than 1% of samples
  6 large_eps            PGD at eps = min(1, 8 x eps) (64/255 at 8/255) leaves <= 5% accuracy
- 7 budget_monotonicity  pgd50 <= pgd10 <= fgsm, beyond noise (McNemar p < 0.05)
- 8 blackbox_whitebox    Square does not beat the best white-box attack by more than 0.2 pt
+ 7 budget_monotonicity  no attack leaves more accuracy than one it declares itself stronger than
+                        (Attack.stronger_than), beyond noise (McNemar p < 0.05)
+ 8 blackbox_whitebox    no black-box attack beats the best white-box attack of its threat model by more
+                        than 0.2 pt (Attack.access)
  9 worst_case           the worst case is at most the minimum over attacks, per threat model
 10 protocol_gap         paper-protocol accuracy above the adaptive one beyond noise: overestimated
+
+Checks 7 and 8 know no attack by name: they read what each cell's attack declares (bench.api.Attack).
 """
 
 from __future__ import annotations
@@ -21,14 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench import state
+from bench import registry, state
 from bench.projected_gradient import pgd
 from bench.stats import mcnemar
 
 ORDER = ["state_preserved", "budget", "determinism", "batch_dependence", "gradient_health", "large_eps",
          "budget_monotonicity", "blackbox_whitebox", "worst_case", "protocol_gap"]
-# gradient attacks; AutoAttack is left out because its last stage is Square itself
-WHITE_BOX = ("pgd10", "pgd50", "cw_inf", "fgsm", "shaping")
 
 
 @dataclass
@@ -156,13 +158,32 @@ def budget(cells: list[dict]) -> CheckResult:
     return CheckResult("budget", "pass", f"every example within its (norm, eps) + 1e-6 and [0,1] in {len(cells)} cells")
 
 
+def declarations(by_name: dict[str, dict]) -> dict[str, type]:
+    """The attack class of each cell that ran at its attack's default parameters (its label is the
+    registered name; declarations describe an attack as registered, not `name[key=value]`), in cell order.
+    Cells of attacks no longer installed are left out."""
+    out = {}
+    for label, cell in by_name.items():
+        cls = registry.declared("attack", label) if cell.get("name", label) == label else None
+        if cls is not None:
+            out[label] = cls
+    return out
+
+
 def budget_monotonicity(by_name: dict[str, dict]) -> CheckResult:
-    pairs = [("pgd10", "pgd50"), ("fgsm", "pgd10")]  # (weaker, stronger)
-    present = [(w, s) for w, s in pairs if w in by_name and s in by_name]
-    if not present:
-        return CheckResult("budget_monotonicity", "skip", "needs two of fgsm, pgd10, pgd50 in the same run")
+    declared = declarations(by_name)
+    pairs = [(weak, strong) for strong, cls in declared.items() for weak in cls.stronger_than
+             if weak in declared and by_name[weak]["threat"] == by_name[strong]["threat"]]
+    if not pairs:
+        wanted = [f"{weak} beside {strong}" for strong, cls in declared.items() for weak in cls.stronger_than]
+        return CheckResult("budget_monotonicity", "skip", f"needs {' or '.join(wanted)} in the same run" if wanted
+                           else "no attack of this run declares one it must be stronger than")
+
+    def height(name: str, seen: tuple = ()) -> int:  # links of weaker attacks that ran below `name`
+        return max((1 + height(w, seen + (name,)) for w, s in pairs if s == name and w not in seen), default=0)
+
     problems, notes = [], []
-    for weak, strong in present:
+    for weak, strong in sorted(pairs, key=lambda p: -height(p[1])):  # the strongest attack's pair first
         test = mcnemar(by_name[weak]["flags"], by_name[strong]["flags"])  # delta = strong - weak
         notes.append(f"{strong} {_acc(by_name[strong]):.1%} vs {weak} {_acc(by_name[weak]):.1%} (p={test.p_value:.3g})")
         if test.delta > 0 and test.significant:
@@ -174,20 +195,28 @@ def budget_monotonicity(by_name: dict[str, dict]) -> CheckResult:
 
 
 def blackbox_whitebox(by_name: dict[str, dict]) -> CheckResult:
-    if "square" not in by_name:
-        return CheckResult("blackbox_whitebox", "skip", "square not run")
-    threat = by_name["square"]["threat"]
-    white = {n: c for n, c in by_name.items() if n in WHITE_BOX and c["threat"] == threat}
-    if not white:
+    declared = declarations(by_name)
+    black = [n for n, cls in declared.items() if cls.access == "black-box"]
+    if not black:
+        return CheckResult("blackbox_whitebox", "skip", "no black-box attack run")
+    details, beaten = [], False
+    for name in black:
+        threat = by_name[name]["threat"]
+        white = {n: by_name[n] for n, cls in declared.items()
+                 if cls.access == "white-box" and by_name[n]["threat"] == threat}
+        if not white:
+            continue
+        best_name = min(white, key=lambda n: _acc(white[n]))
+        bb, wb = _acc(by_name[name]), _acc(white[best_name])
+        details.append(f"{name} {bb:.2%} vs best white-box {best_name} {wb:.2%}")
+        beaten |= bb < wb - 0.002
+    if not details:
         return CheckResult("blackbox_whitebox", "skip", "no white-box attack of the same threat model")
-    best_name = min(white, key=lambda n: _acc(white[n]))
-    sq, wb = _acc(by_name["square"]), _acc(white[best_name])
-    detail = f"square {sq:.2%} vs best white-box {best_name} {wb:.2%}"
-    if sq < wb - 0.002:
-        return CheckResult("blackbox_whitebox", "fail", detail + ": a black-box attack beats the gradient "
-                           "attacks (gradient masking, or white-box attacks too weak for this model)",
+    if beaten:
+        return CheckResult("blackbox_whitebox", "fail", "; ".join(details) + ": a black-box attack beats the "
+                           "gradient attacks (gradient masking, or white-box attacks too weak for this model)",
                            "⚠ black-box beats white-box")
-    return CheckResult("blackbox_whitebox", "pass", detail)
+    return CheckResult("blackbox_whitebox", "pass", "; ".join(details))
 
 
 def worst_case(clean: np.ndarray | None, cells: list[dict]) -> CheckResult:

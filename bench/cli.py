@@ -221,7 +221,7 @@ def check_cmd(**opts) -> None:
     _setup_logging(opts["quiet"])
     if opts["n"] is not None and opts["n"] < 1:
         raise BenchError(f"--n must be >= 1, got {opts['n']}")
-    opts["attacks"] = ",".join(runner.CHECK_ATTACKS)
+    opts["attacks"] = ",".join(runner.check_attacks())
     req = request_from(opts)
     prep = runner.prepare(req)
     n = opts["n"] if opts["n"] is not None else prep.config.preset.eval_batch_size

@@ -9,6 +9,7 @@ overlap rank as ties, and failed or warning sanity checks show as flags linked t
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -368,6 +369,14 @@ def eps_figure(rc) -> list[str]:
 # machine-readable forms
 
 
+@functools.lru_cache(maxsize=None)  # an export asks once per configuration and label; each asks the entry points
+def _reported_as(label: str) -> str:
+    """What the attack registered as `label` declares itself reported as ('' for a label with parameters)."""
+    from bench import registry
+
+    return getattr(registry.declared("attack", label), "reported_as", "")
+
+
 def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
     def pct(label, protocol="adaptive"):
         per_seed = cfg.flags(label, protocol)
@@ -375,7 +384,8 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
 
     run = cfg.runs[0].run
     eps = next((c["eps"] for r in cfg.runs for c in r.cells.values() if c["norm"] == "Linf"), None)
-    aa = next((lab for lab in labels if lab == "autoattack" or lab == "autoattack_rand"), None)
+    # RobustBench's autoattack_acc: the first cell, at its attack's defaults, of an attack reported as it
+    aa = next((lab for lab in labels if _reported_as(lab) == "AutoAttack"), None)
     return {
         "name": cfg.defense, "params": cfg.params, "dataset": run["dataset"], "architecture": run["arch"],
         "preset": run["preset"], "threat_model": "Linf", "eps": eps, "clean_acc": pct(CLEAN),

@@ -76,6 +76,16 @@ def load(kind: str, name: str) -> type:
     return obj
 
 
+def declared(kind: str, name: str) -> type | None:
+    """The plugin class registered as `name`, or None when none loads under that name (a label with
+    parameters, an uninstalled or broken plugin): what reads a stored cell's declarations (checks,
+    exports) uses this, so such a cell simply takes part in nothing."""
+    try:
+        return load(kind, name)
+    except BenchError:
+        return None
+
+
 def names(kind: str) -> list[str]:
     return sorted(providers(kind))
 

@@ -483,11 +483,17 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
                  res.seconds)
 
 
-CHECK_ATTACKS = ("fgsm", "pgd10", "pgd50", "square")
+def check_attacks() -> list[str]:
+    """The attacks `bench check` runs: those declaring `in_check`, in `--attacks all` order (cheap first)."""
+    classes, broken = registry.load_all("attack")
+    for exc in broken.values():  # `bench list` shows it broken; a defense's check must not stop for it
+        log.info("bench check skips %s", exc)
+    return sorted((n for n, cls in classes.items() if cls.in_check), key=lambda n: (classes[n].order, n))
 
 
 def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResult]:
-    """`bench check`: checks 3-8 on the first `n` test images, storing nothing but the cached models."""
+    """`bench check`: checks 3-8 on the first `n` test images with the prepared attacks at their defaults
+    (`bench check` prepares `check_attacks()`), storing nothing but the cached models."""
     cfg = prep.config
     ctx = _context(prep, quiet)
     try:
@@ -503,14 +509,15 @@ def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResul
     if results[0].flag == "⚠ undeclared randomness":
         defended.randomized = True
     cells = {}
-    for name in CHECK_ATTACKS:
+    for spec, _ in prep.attacks:
+        name = spec.name
         cls = registry.load("attack", name)
         attack = cls(**resolve_params(f"attack '{name}'", cls.PARAMS, {}, cfg.preset))
         _seed_all(cfg.seed, "attack", name)
         attack.setup(ctx, defended)
         res = attack_cell(attack, defended, subset, batch_size=cfg.preset.eval_batch_size, device=prep.device,
                           progress=ctx.progress, desc=f"check {name}")
-        cells[name] = {"attack": name, "threat": attack.threat, "n": len(res.flags),
+        cells[name] = {"attack": name, "name": name, "threat": attack.threat, "n": len(res.flags),
                        "correct": int(res.flags.sum()), "flags": res.flags}
     results += [checks.budget_monotonicity(cells), checks.blackbox_whitebox(cells)]
     return results
