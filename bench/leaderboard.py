@@ -203,12 +203,9 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
 
 def _batch_dependent_only(label: str) -> bool:
     from bench import registry
-    from bench.errors import BenchError
 
-    try:
-        return bool(getattr(registry.load("attack", label.split("[", 1)[0]), "batch_dependent_only", False))
-    except BenchError:  # an attack whose plugin is no longer installed: count it
-        return False
+    # an attack whose plugin is no longer installed declares nothing: it counts as missing
+    return bool(getattr(registry.declared("attack", label.split("[", 1)[0]), "batch_dependent_only", False))
 
 
 def adaptive_attacks(configs: list[Config], threat: str) -> list[str]:
