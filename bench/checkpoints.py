@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process locking
     fcntl = None
 
 from bench import models
-from bench.config import stable_hash
+from bench.config import derived_seed, stable_hash, to_json
 from bench.errors import BenchError
 from bench.train import (Clean, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy, autocast_factory, fgsm_rs,
                          robust_accuracy, train)
@@ -264,7 +264,7 @@ def _cached_once(path: Path, log, what: str, cache_hit: Callable[[], Any], train
 
 def _train_base(ctx, recipe: str, path: Path) -> nn.Module:
     ctx.log.info("base %s: training (%s)", recipe, path.name)
-    torch.manual_seed(int(stable_hash([ctx.seed, recipe, "init"])[:8], 16))
+    torch.manual_seed(derived_seed(ctx.seed, recipe, "init"))
     model = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
     obj, spec, _ = recipe_plan(recipe, ctx)
     autocast = autocast_factory(ctx.precision, ctx.device)
@@ -312,8 +312,8 @@ def cached_model(ctx, kind: str, identity: dict, model: nn.Module, train_fn) -> 
         info = train_fn()
         # info goes in as JSON text: weights_only loading accepts plain containers, and JSON keeps it so
         save(path, model.state_dict(), {"arch": ctx.arch, "dataset": ctx.data.name, "kind": kind,
-                                        "info": json.dumps(info, default=_plain)})
-        return json.loads(json.dumps(info, default=_plain))
+                                        "info": json.dumps(info, default=to_json)})
+        return json.loads(json.dumps(info, default=to_json))
 
     return _cached_once(path, ctx.log, kind, cache_hit, train_and_save)
 
@@ -327,14 +327,8 @@ def memo(ctx, kind: str, identity: dict, compute):
             ctx.log.warning("%s: unreadable cache file %s, recomputing", kind, path.name)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"kind": kind, "identity": identity, "value": value}, default=_plain)
+    text = json.dumps({"kind": kind, "identity": identity, "value": value}, default=to_json)
     _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
     return json.loads(text)["value"]
 
 
-def _plain(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)

@@ -248,6 +248,22 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def derived_seed(*parts: Any) -> int:
+    """A 32-bit seed for torch.manual_seed from the run seed and a purpose (e.g. `seed, "defense", name`):
+    each random stream reproducible on its own, whatever ran before it."""
+    return int(stable_hash(list(parts))[:8], 16)
+
+
+def to_json(obj: Any) -> Any:
+    """`json.dumps(default=to_json)`: numpy and torch values as plain numbers and lists, sets and tuples as
+    lists, anything else as its text."""
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     try:

@@ -21,7 +21,7 @@ import torch
 
 from bench import checkpoints, checks, config as config_mod, data as data_mod, registry
 from bench.api import Attack, Context, Defended, Defense, resolve_params
-from bench.config import AttackSpec, RunConfig, parse_assignments, stable_hash
+from bench.config import AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason
 from bench.evaluate import CellResult, attack_cell, clean_cell
 from bench.store import DB_NAME, Store
@@ -253,7 +253,7 @@ def prepare(req: Request) -> Prepared:
 
 
 def _seed_all(*parts) -> None:
-    torch.manual_seed(int(stable_hash(list(parts))[:8], 16))
+    torch.manual_seed(config_mod.derived_seed(*parts))
 
 
 def substitute(attacks: list[tuple[AttackSpec, Attack]], randomized: bool | None, preset) -> list[tuple[AttackSpec, Attack]]:

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from bench.config import to_json
 from bench.errors import BenchError, os_reason
 
 SCHEMA = """
@@ -198,7 +199,7 @@ class Store:
     def put_run(self, row: dict[str, Any]) -> None:
         row = dict(row)
         for key in ("params", "config", "info"):
-            row[key] = json.dumps(row[key], sort_keys=True, default=_jsonable)
+            row[key] = json.dumps(row[key], sort_keys=True, default=to_json)
         row.setdefault("created", time.time())
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
@@ -216,9 +217,9 @@ class Store:
             self.conn.execute(
                 "INSERT OR REPLACE INTO cells (run_id, attack, protocol, name, params, norm, eps, threat, n, "
                 "correct, flags, seconds, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, attack, protocol, name, json.dumps(params, sort_keys=True, default=_jsonable), norm,
+                (run_id, attack, protocol, name, json.dumps(params, sort_keys=True, default=to_json), norm,
                  float(eps), threat, int(flags.size), int(flags.sum()), pack(flags), float(seconds),
-                 json.dumps(extra, sort_keys=True, default=_jsonable), time.time()))
+                 json.dumps(extra, sort_keys=True, default=to_json), time.time()))
             # a later success of a cell that failed clears its failure
             self.conn.execute("DELETE FROM failures WHERE run_id=? AND cell=? AND protocol=?",
                               (run_id, attack, protocol))
@@ -448,13 +449,3 @@ def _loads(path: Path, text: str, where: str) -> Any:
         raise BenchError(f"results database {path} is corrupt: {where} is not JSON; move it away") from None
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if hasattr(obj, "tolist"):  # torch tensors
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from bench import layers, models
 from bench.api import Context, Defended, Defense, Param
-from bench.config import stable_hash
+from bench.config import derived_seed
 from bench.projected_gradient import pgd
 from bench.train import PGDAdversarial, Schedule, TrainSpec, accuracy, autocast_factory, robust_accuracy, train
 
@@ -129,5 +129,5 @@ class AdvBNOnly(_BNAdversarialTraining):
     start = "adv_bn_only"
 
     def initial(self, ctx: Context) -> nn.Module:
-        torch.manual_seed(int(stable_hash([ctx.seed, "adv_bn_only", "init"])[:8], 16))
+        torch.manual_seed(derived_seed(ctx.seed, "adv_bn_only", "init"))
         return models.build(ctx.arch, ctx.data.spec).to(ctx.device)

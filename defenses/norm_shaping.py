@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bench import layers, models
 from bench.api import Context, Defended, Defense, Param
-from bench.config import stable_hash
+from bench.config import derived_seed
 from bench.projected_gradient import pgd
 from bench.train import TRADES, Objective, Schedule, TrainSpec, trades_attack, train
 
@@ -112,7 +112,7 @@ class NormShaping(Defense):
 
     def build(self, ctx: Context) -> Defended:
         p, pre = self.params, ctx.preset
-        torch.manual_seed(int(stable_hash([ctx.seed, "norm_shaping", "init"])[:8], 16))
+        torch.manual_seed(derived_seed(ctx.seed, "norm_shaping", "init"))
         net = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
 
         def run() -> dict:
