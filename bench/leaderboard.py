@@ -468,8 +468,8 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
                 "marked (paper) attack the defense's surrogate instead and are scored on the defense, as "
                 "non-adaptive papers did. Worst case = correct under every attack of the threat model (and "
                 f"clean); † marks a worst case over fewer attacks than other rows ran, which overstates it against "
-                f"them; ‡ marks a row whose run lacks cells it was asked for (killed before they finished, or failed), "
-                "named after the mark. Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
+                "them; ‡ marks a row whose run lacks cells it was asked for (killed before they finished, or failed), "
+                f"named after the mark. Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
                 "(ns: inside the noise, p ≥ 0.05). Rank ties (=k): overlapping intervals.", "",
                 n.to_markdown(index=False, disable_numparse=True), ""]
         rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=dest, stem=stem)

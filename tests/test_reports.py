@@ -183,6 +183,7 @@ def test_header_says_how_to_regenerate(board):
     head = text.split("\n\n", 2)[1]
     assert "Regenerate: `bench leaderboard --out" in head and "code" in text.split("\n")[3]
     assert "preset `smoke`" in text.splitlines()[0] or "Preset `smoke`" in text
+    assert "Δ in points against `pgd_at`" in text and "{" not in text.split("| Rank", 1)[0]  # no unformatted field
 
 
 def test_unknown_format(bench, swept, tmp_path):
