@@ -527,10 +527,10 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
     """This run's accuracies: clean, each requested attack, and the worst case per threat model; a
     requested cell that is not stored shows as missing (or failed, with its error), and the worst case of
     its threat model says that it lacks it."""
+    from bench.leaderboard import missing_cells
+
     cells = {(c["attack"], c["protocol"]): c for c in store.cells(run_id)}
-    failed = {(f["cell"], f["protocol"]): f for f in store.failures(run_id)}
-    absent = [r for r in store.requests(run_id) if (r["attack"] in labels or r["attack"] == CLEAN)
-              and (r["attack"], r["protocol"]) not in cells]
+    absent = [m for m in missing_cells(store, run_id, list(cells.values())) if m["attack"] in labels or m["attack"] == CLEAN]
     rows = []
     clean = cells.get((CLEAN, NO_PROTOCOL))
     if clean is not None:
@@ -546,19 +546,19 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
         base = worst.get(key, clean["flags"] if clean is not None else np.ones(c["n"], bool))
         worst[key] = base & c["flags"]
     for r in absent:
-        f = failed.get((r["attack"], r["protocol"]))
         rows.append({"attack": r["attack"], "protocol": r["protocol"], "threat": r["threat"], "n": 0,
                      "accuracy": float("nan"), "seconds": float("nan"),
-                     "status": f"failed: {f['error']}" if f else "missing"})
+                     "status": f"failed: {r['error']}" if r["error"] else "missing"})
     for (threat, protocol) in list(worst) + [(r["threat"], r["protocol"]) for r in absent if r["threat"] != "-"]:
         if (threat, protocol) in [(w["threat"], w["protocol"]) for w in rows if w["attack"] == "worst case"]:
             continue
         flags = worst.get((threat, protocol))
-        lacking = [r["attack"] + (" failed" if (r["attack"], r["protocol"]) in failed else " missing")
+        lacking = [r["attack"] + (" failed" if r["error"] else " missing")
                    for r in absent if r["attack"] == CLEAN or (r["threat"], r["protocol"]) == (threat, protocol)]
         rows.append({"attack": "worst case", "protocol": protocol, "threat": threat,
                      "n": int(flags.size) if flags is not None else 0,
                      "accuracy": float(flags.mean()) if flags is not None else float("nan"),
                      "seconds": float("nan"), "incomplete": lacking})
     return {"run_id": run_id, "defense": cfg.defense, "rows": rows, "checks": store.checks(run_id),
-            "build_failure": failed.get((BUILD, NO_PROTOCOL))}
+            "build_failure": next((f for f in store.failures(run_id) if (f["cell"], f["protocol"]) == (BUILD, NO_PROTOCOL)),
+                                  None)}
