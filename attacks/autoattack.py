@@ -12,10 +12,7 @@ import logging
 
 import torch
 
-from bench import state
-from bench.api import Attack, Param
-from bench.errors import BenchError
-from bench.evaluate import finish
+from bench.api import Attack, BenchError, FixedModes, Param, finish, preserved
 
 
 class AutoAttack(Attack):
@@ -50,9 +47,9 @@ class AutoAttack(Attack):
 
     def perturb(self, model, x, y):
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
-        with state.preserved(model):
+        with preserved(model):
             wrapped = self.composed(model, x, y)
-            x_adv, _ = self.adversary(state.FixedModes(wrapped), x.device).run_standard_evaluation(
+            x_adv, _ = self.adversary(FixedModes(wrapped), x.device).run_standard_evaluation(
                 x, y, batch_size=len(x))
             return finish(wrapped, x_adv)
 

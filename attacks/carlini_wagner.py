@@ -11,8 +11,8 @@ import torch
 
 from attacks import torchattacks_adapter as ta
 from attacks.found_norms import FoundNorms
-from bench.api import Attack, Param
-from bench.projected_gradient import project
+
+from bench.api import Attack, Param, project
 
 
 class CWL2(Attack):

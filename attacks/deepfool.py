@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 
 from attacks.found_norms import FoundNorms
-from bench import state
-from bench.api import Attack, Param
-from bench.projected_gradient import project
+
+from bench.api import Attack, Param, preserved, project
 
 
 class DeepFool(Attack):
@@ -100,7 +99,7 @@ class DeepFool(Attack):
         return x_adv, flipped
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with state.preserved(model):
+        with preserved(model):
             x_min, flipped = self.minimal(model, x, y)
         norms = (x_min - x).flatten(1).norm(dim=1)
         self._found.add(norms[flipped & (norms > 0)])  # initially misclassified samples need no step

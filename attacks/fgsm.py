@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from attacks import torchattacks_adapter as ta
-from bench.api import Attack, Param
-from bench.evaluate import finish
+
+from bench.api import Attack, Param, finish
 
 
 class FGSM(Attack):
@@ -17,6 +17,7 @@ class FGSM(Attack):
     order = 10
     access = "white-box"
     in_check = True
+    in_default = True
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lib = ta.torchattacks()

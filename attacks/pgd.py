@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from bench import state
-from bench.api import Attack, Param
-from bench.projected_gradient import ce_loss, cw_loss, pgd
+from bench.api import Attack, Param, ce_loss, cw_loss, pgd, preserved
+
 
 EPS = Param(8 / 255, "L-inf budget", above=0, high=1, preset="eps")
 ALPHA = Param(None, "step size; default eps/4", kind=float, above=0)
@@ -31,7 +30,7 @@ class _PGDFamily(Attack):
         alpha = p.alpha if p.alpha is not None else p.eps / 4
         # A defense may run BN on batch statistics at inference; its buffers are put back afterwards.
         eot = p.eot or (20 if self.randomized else 1)
-        with state.preserved(model):
+        with preserved(model):
             return pgd(model, x, y, eps=p.eps, alpha=alpha, steps=p.steps, restarts=p.restarts,
                        loss=self.loss(), generator=self.generator, eot=eot)
 
@@ -44,6 +43,7 @@ class PGD10(_PGDFamily):
     order = 20
     stronger_than = ("fgsm",)  # iterated FGSM with a random start
     in_check = True
+    in_default = True
 
 
 class PGD50(_PGDFamily):

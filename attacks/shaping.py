@@ -18,10 +18,7 @@ import logging
 
 import torch
 
-from bench import state
-from bench.api import Attack, Param
-from bench.evaluate import finish
-from bench.projected_gradient import best_of, pgd
+from bench.api import Attack, FixedModes, Param, best_of, finish, pgd, preserved
 
 
 class Shaping(Attack):
@@ -55,7 +52,7 @@ class Shaping(Attack):
 
     def perturb(self, model, x, y):
         attacked = self.surrogate_model if self.surrogate_model is not None else model
-        with state.preserved(model), state.preserved(attacked):
+        with preserved(model), preserved(attacked):
             eps = self.params.eps
             candidates = [pgd(attacked, x, y, eps=eps, alpha=eps / 4, steps=10, generator=self.generator)]
             if self.params.apgd_iters:
@@ -63,7 +60,7 @@ class Shaping(Attack):
 
                 logging.getLogger("auto-attack").setLevel(logging.WARNING)
                 wrapped = self.composed(attacked, x, y)
-                apgd = APGDAttack(state.FixedModes(wrapped), n_iter=self.params.apgd_iters, norm="Linf", eps=eps,
+                apgd = APGDAttack(FixedModes(wrapped), n_iter=self.params.apgd_iters, norm="Linf", eps=eps,
                                   loss="ce", n_restarts=1, seed=self.seed, device=x.device, verbose=False)
                 candidates.append(finish(wrapped, apgd.perturb(x, y)))
             # per sample, the candidate the real defense gets wrong (else the higher loss), each judged by a

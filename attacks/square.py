@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from attacks import torchattacks_adapter as ta
-from bench.api import Attack, Param
-from bench.evaluate import finish
+
+from bench.api import Attack, Param, finish
 
 
 class Square(Attack):

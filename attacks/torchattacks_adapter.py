@@ -11,8 +11,7 @@ from typing import Callable
 
 import torch
 
-from bench import state
-from bench.errors import BenchError
+from bench.api import BenchError, FixedModes, preserved
 
 
 def torchattacks():
@@ -27,7 +26,7 @@ def torchattacks():
 def run(make: Callable[[torch.nn.Module], object], model: torch.nn.Module, x: torch.Tensor,
         y: torch.Tensor) -> torch.Tensor:
     """`make(wrapped_model)` builds a torchattacks attack; it runs on (x, y) with the model untouched."""
-    with state.preserved(model):
-        attack = make(state.FixedModes(model))
+    with preserved(model):
+        attack = make(FixedModes(model))
         x_adv = attack(x, y)
     return x_adv.detach()

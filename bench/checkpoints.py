@@ -236,7 +236,7 @@ def base_path(ctx, recipe: str) -> Path:
 
 def base_model(ctx, recipe: str) -> nn.Module:
     """The base model of `recipe`: a user checkpoint, the cache, or trained now and cached."""
-    model = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
+    model = models.build_model(ctx.arch, ctx.data.spec).to(ctx.device)
     if recipe in ctx.base_checkpoints:
         path = ctx.base_checkpoints[recipe]
         load_into(model, load(path, require_digest=False), str(path), arch=ctx.arch, dataset=ctx.data.name)
@@ -265,7 +265,7 @@ def _cached_once(path: Path, log, what: str, cache_hit: Callable[[], Any], train
 def _train_base(ctx, recipe: str, path: Path) -> nn.Module:
     ctx.log.info("base %s: training (%s)", recipe, path.name)
     torch.manual_seed(derived_seed(ctx.seed, recipe, "init"))
-    model = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
+    model = models.build_model(ctx.arch, ctx.data.spec).to(ctx.device)
     obj, spec, _ = recipe_plan(recipe, ctx)
     autocast = autocast_factory(ctx.precision, ctx.device)
     val_robust = ctx.data.val.subset(slice(0, ctx.preset.n_val_robust))

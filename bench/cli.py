@@ -46,7 +46,8 @@ def list_cmd(verbose: bool) -> None:
                 click.echo(f"  {name:<{width}}  BROKEN ({table[name]}): {broken[name].reason}")
                 continue
             cls = loaded[name]
-            click.echo(f"  {name:<{width}}  {cls.describe()}")
+            default = " [default]" if kind == "attack" and cls.in_default else ""  # run without --attacks
+            click.echo(f"  {name:<{width}}  {cls.describe()}{default}")
             if verbose:
                 click.echo(f"  {'':<{width}}  provided by {table[name]}")
                 for pname, spec in cls.PARAMS.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.errors import BenchError, did_you_mean, unknown
+from bench.params import Param, convert, exact_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,7 +63,7 @@ class Preset:
                 "trades": self.epochs_trades, "fgsm_rs": self.epochs_fgsm_rs}
 
 
-# The valid values of every field a user may set (`--set`, TOML `set`), as bench.api.Param bounds: low/high
+# The valid values of every field a user may set (`--set`, TOML `set`), as bench.params.Param bounds: low/high
 # inclusive, above exclusive, choices. What depends on the dataset or on another field is checked by
 # `concrete`: crop_pad below the image size, n_val_robust <= n_val, eps_l2 within the image cube's diameter.
 LIMITS: dict[str, dict] = {
@@ -161,8 +162,6 @@ def _field_kind(f: dataclasses.Field) -> type:
 
 
 def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
-    from bench.api import Param, convert
-
     if raw is None or isinstance(raw, str) and raw.strip().lower() == "none":
         if "None" not in str(f.type):
             raise BenchError(f"preset field '{key}' cannot be none")
@@ -184,19 +183,6 @@ class AttackSpec:
             return self.name
         return self.name + "[" + ",".join(f"{k}={exact_text(v)}" for k, v in self.params) + "]"
 
-
-def exact_text(value: Any) -> str:
-    """Text that reads back as exactly `value`: cells are keyed by it and worst cases grouped by it, so two
-    budgets that differ in any digit never share a result. A float is written k/255 when it is exactly that
-    and shorter (8/255, not 0.03137254901960784), a whole number without '.0', else as Python's
-    shortest round-trip repr (0.050004)."""
-    if not isinstance(value, float) or not math.isfinite(value):
-        return str(value)
-    text = str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)  # 3, not 3.0
-    k = round(value * 255)
-    if k and k / 255 == value and len(f"{k}/255") < len(text):
-        return f"{k}/255"
-    return text
 
 
 @dataclass(frozen=True)
@@ -440,8 +426,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("defense", NAME, None, ("--defense",), "Defense name (see `bench list`).", RUN_AND_CHECK, sweep=CELL),
     Setting("params", VALUES, {}, ("--param",), "Defense parameter.", RUN_AND_CHECK, metavar="KEY=VALUE",
             read=parse_assignments, multiple=True, sweep=CELL),
-    Setting("attacks", NAMES, "pgd10,fgsm", ("--attacks",),
-            "Comma-separated attack names (name[key=value;...] for parameters), or 'all'.", show_default=True,
+    Setting("attacks", NAMES, "default", ("--attacks",),
+            "Comma-separated attack names (name[key=value;...] for parameters), 'all' (the whole suite) or "
+            "'default' (the attacks that declare in_default; `bench list` marks them).", show_default=True,
             read=_any_text, sweep=TOP_AND_CELL, pinned=True),  # empty: prepare says "no attacks given"
     Setting("attack_params", ATTACK_PARAMS, {}, ("--attack-param",), "Attack parameter, e.g. fgsm.eps=16/255.",
             metavar="ATTACK.KEY=VALUE", read=parse_attack_params, multiple=True),

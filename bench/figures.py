@@ -94,4 +94,5 @@ def densities(path: Path, samples: dict[str, list[float]], *, xlabel: str, title
 
 
 def embed(path: Path, caption: str) -> list[str]:
+    """Markdown lines that show the figure at `path` (written beside the leaderboard) with `caption`."""
     return [f"![{caption}]({path.name})", ""]

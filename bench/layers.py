@@ -9,13 +9,15 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
 
 
-def kind(module: nn.Module) -> str:
+def module_kind(module: nn.Module) -> str:
+    """'bn', 'conv', 'linear', or the class name of any other module: the kinds RiFT and the fine-tuning
+    defenses choose layers by."""
     if isinstance(module, BN_TYPES):
         return "bn"
     if isinstance(module, nn.Conv2d):
@@ -26,6 +28,7 @@ def kind(module: nn.Module) -> str:
 
 
 def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every batch-norm layer, in definition order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
 
 
@@ -34,19 +37,17 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]
 
 
-def module(model: nn.Module, path: str) -> nn.Module:
+def module_at(model: nn.Module, path: str) -> nn.Module:
     """The module at exactly `path` ('conv1' is never 'layer1.0.conv1')."""
     table = dict(model.named_modules())
     if path not in table or path == "":
-        from bench.errors import did_you_mean
-
         raise BenchError(f"model has no module '{path}'{did_you_mean(path, [n for n in table if n])}")
     return table[path]
 
 
 def own_parameters(model: nn.Module, path: str) -> list[nn.Parameter]:
     """The parameters that belong to the module at `path` itself (not its children)."""
-    return list(module(model, path).parameters(recurse=False))
+    return list(module_at(model, path).parameters(recurse=False))
 
 
 def parameter_names(model: nn.Module, paths) -> set[str]:
@@ -70,7 +71,7 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = track
 
 
-def interpolate(theta_a: dict, theta_b: dict, alpha: float) -> dict:
+def interpolate_weights(theta_a: dict, theta_b: dict, alpha: float) -> dict:
     """alpha * theta_b + (1 - alpha) * theta_a over the whole state dict, buffers included.
 
     Entries equal in both are copied unchanged (alpha*w + (1-alpha)*w is not bit-exactly w), so

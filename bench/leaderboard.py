@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import registry
+from bench.errors import BenchError, check_safe_name, os_reason
 from bench.stats import intervals_overlap, mcnemar, mean_std, wilson
-from bench.store import Store
+from bench.store import Store, check_writable
 
 BASE_DEFENSE = "pgd_at"
 KEY = ("dataset", "arch", "preset")  # one file per value of these run fields
@@ -202,8 +204,6 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
 
 
 def _batch_dependent_only(label: str) -> bool:
-    from bench import registry
-
     # an attack whose plugin is no longer installed declares nothing: it counts as missing
     return bool(getattr(registry.declared("attack", label.split("[", 1)[0]), "batch_dependent_only", False))
 
@@ -369,8 +369,6 @@ def eps_figure(rc) -> list[str]:
 @functools.lru_cache(maxsize=None)  # an export asks once per configuration and label; each asks the entry points
 def _reported_as(label: str) -> str:
     """What the attack registered as `label` declares itself reported as ('' for a label with parameters)."""
-    from bench import registry
-
     return getattr(registry.declared("attack", label), "reported_as", "")
 
 
@@ -400,9 +398,6 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
 
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
-    from bench.errors import BenchError, check_safe_name, os_reason
-    from bench.runner import check_writable
-
     if fmt not in ("md", "csv", "json"):
         raise BenchError(f"format must be md, csv or json, got '{fmt}'")
     dest = check_writable(dest, "--dest", writes=())
@@ -434,9 +429,6 @@ def _replace_file(content: str | pd.DataFrame, path: Path) -> None:
 
 
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
-    from bench import registry
-    from bench.api import ReportContext
-
     written = []
     for (dataset, arch, preset), configs in sorted(groups.items()):
         stem = f"{dataset}-{arch}-{preset}"
@@ -488,3 +480,64 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
         written.append(path)
         written += rc.figures
     return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# What report plugins see (paper tables and figures, one function per defense family, entry-point group
+# bench.reports): a leaderboard group's configurations and the leaderboard's own helpers.
+
+
+@dataclass
+class ReportContext:
+    """What a report plugin sees when `bench leaderboard` writes one (dataset, arch, preset) file.
+
+    A report is a function `report(rc: ReportContext) -> list[str]` returning markdown lines (nothing
+    when its defenses were not run); it may write figures with `rc.figure(name)`.
+    """
+
+    configs: list  # Config: .defense, .params, .seeds, .runs[i].run["info"], .flags(label)
+    dataset: str
+    arch: str
+    preset: str
+    dest: Path
+    stem: str
+    figures: list = field(default_factory=list)  # paths written, for the caller's listing
+
+    def find(self, defense: str, **params) -> list:
+        """Configurations of `defense` whose parameters include `params`, in the order they were first run."""
+        hits = [c for c in self.configs if c.defense == defense
+                and all(c.params.get(k) == v for k, v in params.items())]
+        return hits
+
+    def accuracy(self, cfg, label: str = "clean", protocol: str = "adaptive") -> tuple[str, float]:
+        """(text with interval or mean +- std, mean as a fraction) of clean, an attack, or "worst:THREAT"."""
+        text, mean, _ = accuracy_text(cfg.flags(label, protocol))
+        return text, mean
+
+    def delta(self, cfg, base, label: str = "clean", protocol: str = "adaptive") -> str:
+        """Δ in points against `base` with the exact McNemar p-value on the same samples."""
+        return delta_text(cfg.flags(label, protocol), base.flags(label, protocol))
+
+    def fewer_attacks_mark(self, cfg, peers: list, threat: str) -> str:
+        """' † without X' when `cfg`'s worst case over `threat` lacks adaptive attacks one of `peers` ran,
+        and ' ‡ incomplete: Y missing' when its run lacks requested cells of that worst case."""
+        return fewer_attacks_mark(cfg, adaptive_attacks(peers, threat)) + incomplete_mark(cfg, threat, "adaptive")
+
+    def incomplete_mark(self, cfg, threat: str | None = None, protocol: str = "adaptive") -> str:
+        """' ‡ incomplete: X missing, Y failed' for the requested cells `cfg`'s runs lack (of the worst case
+        over `threat` when given), else ''. Any table showing a worst case should carry it."""
+        return incomplete_mark(cfg, threat, protocol if threat is not None else None)
+
+    def threats(self) -> list[str]:
+        out = []
+        for c in self.configs:
+            for r in c.runs:
+                for cell in r.cells.values():
+                    if cell["threat"] not in out:
+                        out.append(cell["threat"])
+        return out
+
+    def figure(self, name: str) -> Path:
+        path = self.dest / f"{self.stem}-{check_safe_name(name, 'figure name')}.png"
+        self.figures.append(path)
+        return path

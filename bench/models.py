@@ -179,7 +179,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(arch: str, spec) -> nn.Module:
+def build_model(arch: str, spec) -> nn.Module:
     """A fresh model for a dataset spec (channels, classes, normalisation constants)."""
     if arch not in ARCHS:
         raise unknown("architecture", arch, ARCHS)

@@ -17,6 +17,7 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> pe
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy, in fp32 whatever the logits' precision."""
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 

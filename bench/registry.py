@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
-from bench.api import Attack, Defense
+from bench.contract import Attack, Defense
 from bench.errors import BenchError, unknown
 
 GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports"}

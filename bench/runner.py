@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import checkpoints, checks, config as config_mod, data as data_mod, registry
-from bench.api import Attack, Context, Defended, Defense, resolve_params
+from bench import checkpoints, checks, config as config_mod, data as data_mod, models, registry
+from bench.context import Context
+from bench.contract import Attack, Defended, Defense
+from bench.params import resolve_params
 from bench.config import AttackSpec, RunConfig, parse_assignments
-from bench.errors import BenchError, os_reason
+from bench.errors import BenchError, os_reason, unknown
 from bench.evaluate import CellResult, attack_cell, clean_cell
-from bench.store import DB_NAME, Store
+from bench.store import DB_NAME, Store, check_writable
 from bench.train import resolve_precision
 
 log = logging.getLogger("bench")
@@ -95,18 +97,27 @@ _warned_broken: set[str] = set()  # a sweep prepares many jobs: say it once per 
 def attack_items(attacks: Any) -> list[str]:
     items = split_attacks(attacks)
     if not items:
-        raise BenchError("no attacks given (use --attacks pgd10,fgsm or --attacks all)")
-    if "all" in items:  # every attack of the suite, plus any extra items (e.g. pgd10[eps=4/255])
-        classes, broken = registry.load_all("attack")
-        for name, exc in broken.items():  # one broken package must not stop everyone's suite
-            if name not in _warned_broken:
-                _warned_broken.add(name)
-                log.warning("bench: warning: --attacks all skips %s", exc)
-        chosen = [n for n, cls in classes.items() if getattr(cls, "in_all", True)]
-        suite = sorted(chosen, key=lambda n: (getattr(classes[n], "order", 50), n))
-        at = items.index("all")
-        items = items[:at] + suite + items[at + 1:]
+        raise BenchError("no attacks given (use --attacks default, --attacks all or attack names)")
+    # keyword -> the declaration that puts an attack in it: every attack of the suite, or those run when
+    # --attacks is not given; either may come with extra items (e.g. all,pgd10[eps=4/255])
+    for keyword, declaration in (("all", "in_all"), ("default", "in_default")):
+        if keyword in items:
+            at = items.index(keyword)
+            items = items[:at] + _declaring(declaration, keyword) + items[at + 1:]
     return list(dict.fromkeys(items))
+
+
+def _declaring(declaration: str, keyword: str) -> list[str]:
+    """The attacks whose class sets `declaration`, cheap first (their `order`)."""
+    classes, broken = registry.load_all("attack")
+    for name, exc in broken.items():  # one broken package must not stop everyone's suite
+        if name not in _warned_broken:
+            _warned_broken.add(name)
+            log.warning("bench: warning: --attacks %s skips %s", keyword, exc)
+    chosen = [n for n, cls in classes.items() if getattr(cls, declaration)]
+    if not chosen:
+        raise BenchError(f"no installed attack declares {declaration} (--attacks {keyword}); name attacks instead")
+    return sorted(chosen, key=lambda n: (classes[n].order, n))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,39 +130,6 @@ def resolve_device(device: str) -> torch.device:
     if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
         raise BenchError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(device)
-
-
-def check_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
-    """Fail early, before any work, on an output directory that cannot take what the command writes:
-    the directory itself (without creating it: a command that stops on a later mistake, a sweep's second
-    job say, must leave no empty folder behind), and `writes`, the files and folders under it that
-    already exist (a folder: every folder inside it)."""
-    if not str(out).strip():
-        raise BenchError(f"{what} must not be empty (\"\" would be the current directory); give a path")
-    path = Path(out).expanduser()
-    try:
-        existing = path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise BenchError(f"{what} {path} is not writable ({existing} is not a directory)")
-        # the files written under it must fit in a path: leave room for one more file name
-        if len(os.fsencode(path.absolute())) + 255 >= os.pathconf(existing, "PC_PATH_MAX"):
-            raise BenchError(f"{what} {path} is not writable (path too long for the files it will hold)")
-        targets = [existing]
-        for target in (path / rel for rel in writes if existing == path):
-            if target.is_dir():
-                targets += [Path(root) for root, _, _ in os.walk(target)]
-            elif target.exists():
-                if not target.is_file():
-                    raise BenchError(f"{what} {path} is not writable ({target} is not a file)")
-                targets.append(target)
-    except OSError as exc:
-        raise BenchError(f"{what} {path} is not usable ({os_reason(exc)})") from None
-    for target in targets:
-        if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
-            raise BenchError(f"{what} {path} is not writable (permission denied on {target})")
-    return path
 
 
 def code_version() -> str:
@@ -195,17 +173,11 @@ def prepare(req: Request) -> Prepared:
     preset = config_mod.get_preset(req.preset)
     dataset = req.dataset or preset.dataset
     if dataset not in data_mod.DATASETS:
-        from bench.errors import unknown
-
         raise unknown("dataset", dataset, data_mod.DATASETS)
     preset = config_mod.override_preset(preset, req.sets)
     preset = config_mod.concrete(preset, data_mod.DATASETS[dataset])
     arch = req.arch or preset.arch
-    from bench import models
-
     if arch not in models.ARCHS:
-        from bench.errors import unknown
-
         raise unknown("architecture", arch, models.ARCHS)
     device = resolve_device(req.device)
     precision = resolve_precision(req.precision, device)
@@ -235,7 +207,7 @@ def prepare(req: Request) -> Prepared:
         if recipe not in checkpoints.RECIPES:
             raise BenchError(f"--base-checkpoint names unknown recipe '{recipe}'; "
                              f"choose from: {', '.join(checkpoints.RECIPES)}")
-        probe = models.build(arch, data.spec)
+        probe = models.build_model(arch, data.spec)
         checkpoints.load_into(probe, checkpoints.load(Path(path), require_digest=False), path, arch=arch,
                               dataset=dataset)
         bases.append((recipe, str(Path(path).resolve()), checkpoints.file_sha256(Path(path))))

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from bench.config import to_json
+from bench.params import exact_text
 from bench.errors import BenchError, os_reason
 
 SCHEMA = """
@@ -97,6 +98,39 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x626E6231  # "bnb1" in the file header: this SQLite file is a bnbench results database
 # columns that databases of an earlier version may lack, and how to add them
 ADDED_COLUMNS = {("checks", "flag"): "ALTER TABLE checks ADD COLUMN flag TEXT NOT NULL DEFAULT ''"}
+
+
+def check_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
+    """Fail early, before any work, on an output directory that cannot take what the command writes:
+    the directory itself (without creating it: a command that stops on a later mistake, a sweep's second
+    job say, must leave no empty folder behind), and `writes`, the files and folders under it that
+    already exist (a folder: every folder inside it)."""
+    if not str(out).strip():
+        raise BenchError(f"{what} must not be empty (\"\" would be the current directory); give a path")
+    path = Path(out).expanduser()
+    try:
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise BenchError(f"{what} {path} is not writable ({existing} is not a directory)")
+        # the files written under it must fit in a path: leave room for one more file name
+        if len(os.fsencode(path.absolute())) + 255 >= os.pathconf(existing, "PC_PATH_MAX"):
+            raise BenchError(f"{what} {path} is not writable (path too long for the files it will hold)")
+        targets = [existing]
+        for target in (path / rel for rel in writes if existing == path):
+            if target.is_dir():
+                targets += [Path(root) for root, _, _ in os.walk(target)]
+            elif target.exists():
+                if not target.is_file():
+                    raise BenchError(f"{what} {path} is not writable ({target} is not a file)")
+                targets.append(target)
+    except OSError as exc:
+        raise BenchError(f"{what} {path} is not usable ({os_reason(exc)})") from None
+    for target in targets:
+        if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            raise BenchError(f"{what} {path} is not writable (permission denied on {target})")
+    return path
 
 
 def pack(flags: np.ndarray) -> bytes:
@@ -299,8 +333,6 @@ def _exact_labels(conn) -> None:
     digits (`pgd10[eps=0.01569]`, `Linf eps=0.03137`); today's code writes them exactly (`4/255`). Rewrite
     them from each cell's stored values, so a resumed run neither recomputes a finished cell nor splits
     one budget's worst case into two groups (each over fewer attacks, so more robust than it is)."""
-    from bench.config import exact_text
-
     rows = conn.execute("SELECT rowid, attack, params, norm, eps, threat FROM cells").fetchall()
     for rowid, attack, params, norm, eps, threat in rows:
         if threat != "-":

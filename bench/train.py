@@ -50,6 +50,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the context that runs training forwards at `precision` ("bf16": autocast; else none)."""
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -156,6 +157,9 @@ def trades_attack(model, x, start, y, clean_logits, eps, step, steps, autocast):
 
 @dataclass(frozen=True)
 class Schedule:
+    """The learning-rate multiplier over a training run: cosine, step (x gamma at each milestone, a fraction
+    of training), cyclic (triangular, FGSM-RS) or constant."""
+
     kind: str = "cosine"  # cosine | step | cyclic | constant
     milestones: tuple = (100 / 110, 105 / 110)  # fractions of training, for `step`
     gamma: float = 0.1
@@ -177,6 +181,9 @@ class Schedule:
 
 @dataclass
 class TrainSpec:
+    """The optimiser and data settings of one training run: SGD with momentum and weight decay, the LR
+    schedule, augmentation (random crop with padding, horizontal flip) and which epoch's weights to keep."""
+
     epochs: int
     lr: float
     batch_size: int = 128
@@ -290,6 +297,7 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
 @torch.no_grad()
 def accuracy(model: nn.Module, split: data_mod.Split, device: torch.device, batch_size: int = 256,
              autocast=contextlib.nullcontext) -> float:
+    """Clean accuracy of `model` on `split`, as a fraction."""
     correct = 0
     for x, y in split.batches(batch_size):
         with autocast():

@@ -35,7 +35,7 @@ def main() -> None:
     preset = config.concrete(preset, spec)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = models.build(preset.arch, spec).to(device).eval()
+    model = models.build_model(preset.arch, spec).to(device).eval()
     if args.data_dir:
         ds = data.load(preset.dataset, args.data_dir, n_val=0 if preset.dataset != "digits" else 1)
         x, y = ds.test.x[:args.batch].to(device), ds.test.y[:args.batch].to(device)

@@ -24,7 +24,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import torch  # noqa: E402
 
 from bench import checkpoints, config, data, models  # noqa: E402
-from bench.api import Defended, resolve_params  # noqa: E402
+from bench.api import Defended  # noqa: E402
+from bench.params import resolve_params  # noqa: E402
 from bench.registry import load  # noqa: E402
 
 ATTACKS = ["fgsm", "pgd10", "cw_inf", "pgd50", "deepfool", "cw_l2", "shaping", "square", "autoattack"]
@@ -54,7 +55,7 @@ def main() -> None:
 
     preset = config.concrete(config.get_preset("mini"), data.DATASETS["cifar10"])
     ds = data.load("cifar10", args.data_dir, n_val=preset.n_val, n_test=args.n)
-    model = models.build(preset.arch, ds.spec)
+    model = models.build_model(preset.arch, ds.spec)
     found = sorted(glob.glob(f"{args.results}/cache/base/cifar10-resnet20-pgd_at-*.pt"))
     if found:
         checkpoints.load_into(model, checkpoints.load(found[0], require_digest=True), found[0], arch="resnet20",

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bench import config, data
-from bench.api import Context, resolve_params
+from bench.api import Context
+from bench.params import resolve_params
 from bench.checkpoints import recipe_plan
 from bench.registry import load
 from bench.train import TrainSpec, resolve_precision, train

@@ -41,7 +41,7 @@ def main() -> None:
     ds = data.load("cifar10", args.data_dir, n_train=preset.n_train, n_val=preset.n_val, n_test=preset.n_test)
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
-    model = models.build(args.arch, ds.spec).to(device)
+    model = models.build_model(args.arch, ds.spec).to(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(data=ds, arch=args.arch, device=device, seed=0, preset=preset, cache_dir=tmp,

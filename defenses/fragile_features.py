@@ -19,18 +19,17 @@ import copy
 import torch
 import torch.nn as nn
 
-from bench import layers, models
-from bench.api import Context, Defended, Defense, Param
-from bench.config import derived_seed
-from bench.projected_gradient import pgd
-from bench.train import PGDAdversarial, Schedule, TrainSpec, accuracy, autocast_factory, robust_accuracy, train
+from bench.api import (Context, Defended, Defense, PGDAdversarial, Param, Schedule, TrainSpec, accuracy,
+                       autocast_factory, bn_modules, build_model, derived_seed, pgd, robust_accuracy, train,
+                       weight_modules)
+
 
 EXTRA = Param((), "also train: logits (the last Linear), conv1 (the first conv)", kind=tuple, item=str,
               choices=("logits", "conv1"))
 
 
 def _extra_parameters(model: nn.Module, extra) -> list[nn.Parameter]:
-    weights = layers.weight_modules(model)
+    weights = weight_modules(model)
     out = []
     if "logits" in extra:
         out += list(next(m for _, m in reversed(weights) if isinstance(m, nn.Linear)).parameters(recurse=False))
@@ -53,7 +52,7 @@ class BNStats(Defense):
             gen = ctx.generator("bn_stats:pgd")
             for step in ctx.progress(range(self.params.passes), desc="bn_stats"):
                 crafter = copy.deepcopy(model).eval()  # the statistics of the previous pass craft this one's
-                for _, m in layers.bn_modules(model):
+                for _, m in bn_modules(model):
                     m.reset_running_stats()
                     m.momentum = None  # cumulative average over the pass
                 for x, y in ctx.data.train.batches(pre.batch_size, drop_single=True):
@@ -65,7 +64,7 @@ class BNStats(Defense):
                         model(x_adv)
                     model.eval()
                 history.append({"pass": step + 1, "val_clean": accuracy(model, ctx.data.val, ctx.device)})
-            for _, m in layers.bn_modules(model):
+            for _, m in bn_modules(model):
                 m.momentum = 0.1
             return {"history": history}
 
@@ -87,7 +86,7 @@ class _BNAdversarialTraining(Defense):
     def build(self, ctx: Context) -> Defended:
         p, pre = self.params, ctx.preset
         model = self.initial(ctx)
-        trainable = [q for _, m in layers.bn_modules(model) for q in m.parameters(recurse=False)]
+        trainable = [q for _, m in bn_modules(model) for q in m.parameters(recurse=False)]
         trainable += _extra_parameters(model, p.extra)
         autocast = autocast_factory(ctx.precision, ctx.device)
         val_robust = ctx.data.val.subset(slice(0, pre.n_val_robust))
@@ -130,4 +129,4 @@ class AdvBNOnly(_BNAdversarialTraining):
 
     def initial(self, ctx: Context) -> nn.Module:
         torch.manual_seed(derived_seed(ctx.seed, "adv_bn_only", "init"))
-        return models.build(ctx.arch, ctx.data.spec).to(ctx.device)
+        return build_model(ctx.arch, ctx.data.spec).to(ctx.device)

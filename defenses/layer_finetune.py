@@ -13,9 +13,8 @@ import copy
 
 import torch.nn as nn
 
-from bench import layers
-from bench.api import Context, Defended, Defense, Param
-from bench.train import Clean, accuracy, finetune_spec, robust_accuracy, train
+from bench.api import (Clean, Context, Defended, Defense, Param, accuracy, bn_modules, finetune_spec,
+                       robust_accuracy, train, weight_modules)
 
 
 class _LayerTypeFT(Defense):
@@ -68,7 +67,7 @@ class FTBN(_LayerTypeFT):
     group = "bn"
 
     def groups(self, model):
-        return [q for _, m in layers.bn_modules(model) for q in m.parameters(recurse=False)], []
+        return [q for _, m in bn_modules(model) for q in m.parameters(recurse=False)], []
 
 
 class FTConv(_LayerTypeFT):
@@ -77,8 +76,8 @@ class FTConv(_LayerTypeFT):
     group = "conv"
 
     def groups(self, model):
-        return ([q for _, m in layers.weight_modules(model) for q in m.parameters(recurse=False)],
-                [m for _, m in layers.bn_modules(model)])
+        return ([q for _, m in weight_modules(model) for q in m.parameters(recurse=False)],
+                [m for _, m in bn_modules(model)])
 
 
 class FTFull(_LayerTypeFT):

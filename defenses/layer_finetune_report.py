@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
+from bench.api import embed_figure, line_figure
+
 
 def report(rc) -> list[str]:
     """Clean and PGD-10 accuracy per fine-tuning epoch for ft_bn / ft_conv / ft_full."""
     import pandas as pd
-
-    from bench import figures
 
     found = {g: (rc.find(f"ft_{g}") or [None])[0] for g in ("bn", "conv", "full")}
     found = {g: c for g, c in found.items() if c is not None}
@@ -25,10 +25,10 @@ def report(rc) -> list[str]:
                      f"{100 * curve[0]['pgd10']:.1f} → {100 * curve[-1]['pgd10']:.1f}",
                      rc.accuracy(cfg, "clean")[0], rc.accuracy(cfg, "pgd10")[0]])
     split = next(iter(found.values())).runs[0].run["info"]["curve_split"]
-    path = figures.lines(rc.figure("finetune-curves"), [
+    path = line_figure(rc.figure("finetune-curves"), [
         {"title": f"clean accuracy ({split} split)", "xlabel": "epoch", "ylabel": "%", "series": clean},
         {"title": f"PGD-10 accuracy ({split} split)", "xlabel": "epoch", "ylabel": "%", "series": robust}])
     table = pd.DataFrame(rows, columns=["Defense", "Trained parameters", f"Clean ({split}) epoch 0 → last",
                                         f"PGD-10 ({split}) epoch 0 → last", "Clean (test)", "PGD-10 (test)"])
     return ["## Layer-type fine-tuning from the PGD-AT model (the seed paper's figures 1-2)", "",
-            table.to_markdown(index=False, disable_numparse=True), ""] + figures.embed(path, "fine-tuning curves")
+            table.to_markdown(index=False, disable_numparse=True), ""] + embed_figure(path, "fine-tuning curves")

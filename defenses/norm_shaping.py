@@ -21,11 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import layers, models
-from bench.api import Context, Defended, Defense, Param
-from bench.config import derived_seed
-from bench.projected_gradient import pgd
-from bench.train import TRADES, Objective, Schedule, TrainSpec, trades_attack, train
+from bench.api import (Context, Defended, Defense, Objective, Param, Schedule, TRADES, TrainSpec, batch_statistics,
+                       build_model, derived_seed, pgd, trades_attack, train)
 
 
 class NormShapedModel(nn.Module):
@@ -39,7 +36,7 @@ class NormShapedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.context(len(x))
-        with layers.batch_statistics(self.net):
+        with batch_statistics(self.net):
             return self.net(torch.cat([context, x]))[len(context):]
 
     def context(self, m: int) -> torch.Tensor:
@@ -64,7 +61,7 @@ class _MixedForward(nn.Module):
         self.net, self.clean = net, clean
 
     def forward(self, x_attacked: torch.Tensor) -> torch.Tensor:
-        with layers.batch_statistics(self.net):
+        with batch_statistics(self.net):
             return self.net(torch.cat([self.clean, x_attacked]))[len(self.clean):]
 
 
@@ -87,7 +84,7 @@ class NormShapingObjective(Objective):
                 logits = model(torch.cat([clean, x_adv]))
             return F.cross_entropy(logits.float(), y), logits
         # TRADES variant: KL between the attacked part's clean logits and its logits inside the mixed batch
-        with torch.no_grad(), autocast(), layers.batch_statistics(model):
+        with torch.no_grad(), autocast(), batch_statistics(model):
             target = model(x)[cut:].float()
         start = (attacked + 0.001 * torch.randn(attacked.shape, generator=self.generator).to(x.device)).clamp(0, 1)
         x_adv = trades_attack(mixed, attacked, start, y_att, target, self.eps, TRADES.step_for(self.eps),
@@ -113,7 +110,7 @@ class NormShaping(Defense):
     def build(self, ctx: Context) -> Defended:
         p, pre = self.params, ctx.preset
         torch.manual_seed(derived_seed(ctx.seed, "norm_shaping", "init"))
-        net = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
+        net = build_model(ctx.arch, ctx.data.spec).to(ctx.device)
 
         def run() -> dict:
             spec = TrainSpec(p.epochs, p.lr, batch_size=pre.batch_size, schedule=Schedule(pre.schedule),

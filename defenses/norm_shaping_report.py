@@ -3,6 +3,8 @@ group bench.reports) for the defense in `defenses/norm_shaping.py`."""
 
 from __future__ import annotations
 
+from bench.api import delta_text
+
 
 def report(rc) -> list[str]:
     """Training x inference ratio grid (table IV) and adaptive vs non-adaptive attacks (table III)."""
@@ -65,6 +67,4 @@ def report(rc) -> list[str]:
 
 
 def _gap_text(rc, cfg, label: str) -> str:
-    from bench.leaderboard import delta_text
-
     return delta_text(cfg.flags(label, "paper"), cfg.flags(label, "adaptive"))

@@ -31,11 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import layers
-from bench.api import Context, Defended, Defense, Param
-from bench.errors import BenchError
-from bench.projected_gradient import pgd
-from bench.train import Clean, accuracy, autocast_factory, finetune_spec, robust_accuracy, train
+from bench.api import (BenchError, Clean, Context, Defended, Defense, Param, accuracy, autocast_factory, bn_modules,
+                       finetune_spec, interpolate_weights, module_at, module_kind, own_parameters, pgd,
+                       robust_accuracy, train)
+
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -75,8 +74,8 @@ class RiFT(Defense):
     # -- 1-3 ---------------------------------------------------------------------------------------------
 
     def candidates(self, model: nn.Module) -> list[tuple[str, str]]:
-        return [(name, layers.kind(m)) for name, m in model.named_modules()
-                if layers.kind(m) in self.candidate_kinds]
+        return [(name, module_kind(m)) for name, m in model.named_modules()
+                if module_kind(m) in self.candidate_kinds]
 
     def build(self, ctx: Context) -> Defended:
         p = self.params
@@ -91,7 +90,7 @@ class RiFT(Defense):
         seconds["mrc"] = time.perf_counter() - start
         if p.modules:
             for path in p.modules:
-                layers.module(base, path)  # exact path, or a did-you-mean error
+                module_at(base, path)  # exact path, or a did-you-mean error
             chosen = list(p.modules)
         else:
             chosen = [row["module"] for row in mrc[: self.k]]
@@ -109,7 +108,7 @@ class RiFT(Defense):
         alpha, admissible = choose_alpha(curve, base_robust, p.tolerance / 100)
         seconds["alpha_search"] = time.perf_counter() - start
 
-        model.load_state_dict(layers.interpolate(theta_at, theta_ft, alpha))
+        model.load_state_dict(interpolate_weights(theta_at, theta_ft, alpha))
         bn_outputs = {"base": bn_output_samples(ctx, base, split), "final": bn_output_samples(ctx, model.eval(), split)}
         info = {
             "selection": p.selection, "candidates": mrc, "chosen": chosen, "alpha": alpha, "alpha_curve": curve,
@@ -157,9 +156,9 @@ class RiFT(Defense):
 
     def finetune(self, ctx: Context, model: nn.Module, chosen: list[str], split) -> dict:
         p = self.params
-        trainable = [q for path in chosen for q in layers.own_parameters(model, path)]
+        trainable = [q for path in chosen for q in own_parameters(model, path)]
         chosen_set = set(chosen)
-        bns = layers.bn_modules(model)
+        bns = bn_modules(model)
         frozen = {"all": [], "frozen": [m for _, m in bns],
                   "selected": [m for n, m in bns if n not in chosen_set]}[p.bn_stats]
 
@@ -219,7 +218,7 @@ def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torc
     net = copy.deepcopy(model).eval()
     for q in net.parameters():
         q.requires_grad_(False)
-    mod = layers.module(net, path)
+    mod = module_at(net, path)
     params = [mod.weight] if perturb in ("weight", "gamma") else [mod.weight, mod.bias]
     for q in params:
         q.requires_grad_(True)
@@ -265,7 +264,7 @@ def bn_output_samples(ctx: Context, model: nn.Module, split, images: int = 256, 
     x_adv = pgd(model, x, y, eps=p.eps, alpha=p.alpha, steps=10, generator=ctx.generator("rift:bn-outputs"))
     outputs = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out.detach()))
-             for name, m in layers.bn_modules(model)]
+             for name, m in bn_modules(model)]
     try:
         with torch.no_grad():
             model(x_adv)
@@ -286,7 +285,7 @@ def alpha_curve(ctx: Context, model: nn.Module, theta_at: dict, theta_ft: dict, 
     p = ctx.preset
     curve = []
     for a in ctx.progress(list(grid), desc="alpha"):
-        model.load_state_dict(layers.interpolate(theta_at, theta_ft, a))
+        model.load_state_dict(interpolate_weights(theta_at, theta_ft, a))
         model.eval()
         curve.append({"alpha": a, "clean": accuracy(model, split, ctx.device, p.eval_batch_size),
                       "robust": robust_accuracy(model, split, ctx.device, eps=p.eps, alpha=p.alpha, steps=10,

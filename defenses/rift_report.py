@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
+from bench.api import bar_figure, density_figure, embed_figure, line_figure
+
 
 def report(rc) -> list[str]:
     """RiFT vs RiFT with BN for k = 1..5 against the PGD-AT base; MRC bars, alpha curves, BN-output KDE."""
     import pandas as pd
-
-    from bench import figures
 
     bases = rc.find("pgd_at")
     rift = {k: (rc.find("rift", k=k) or [None])[0] for k in range(1, 6)}
@@ -65,13 +65,13 @@ def report(rc) -> list[str]:
     if source is not None:
         info = source.runs[0].run["info"]
         rows = sorted(info["candidates"], key=lambda r: r["order"])
-        path = figures.bars(rc.figure("mrc"), [r["module"] for r in rows], [r["mrc"] for r in rows],
+        path = bar_figure(rc.figure("mrc"), [r["module"] for r in rows], [r["mrc"] for r in rows],
                             ["BN" if r["kind"] == "bn" else "Conv/Linear" for r in rows], set(info["chosen"]),
                             ylabel="MRC (loss increase)",
                             title=f"MRC per module, {source.defense} k={source.params.get('k', 1)} (* fine-tuned)")
         lines += ["### Module robust criticality", "",
                   "BN MRCs perturb [γ; β], conv MRCs the weight; γ is not scale-invariant, so the two colours are "
-                  "not on one scale.", ""] + figures.embed(path, "MRC per module")
+                  "not on one scale.", ""] + embed_figure(path, "MRC per module")
     panels = []
     for name, cfg in (("RiFT", rift[1]), ("RiFT with BN", rift_bn[1])):
         if cfg is None:
@@ -84,7 +84,7 @@ def report(rc) -> list[str]:
                                   "PGD-10": (xs, [100 * r["robust"] for r in curve])},
                        "marks": {f"chosen α={info['alpha']:.1f}": info["alpha"]}})
     if panels:
-        lines += ["### Interpolation α", ""] + figures.embed(figures.lines(rc.figure("alpha"), panels), "alpha curves")
+        lines += ["### Interpolation α", ""] + embed_figure(line_figure(rc.figure("alpha"), panels), "alpha curves")
     bn_cfg = rift_bn[1]
     if bn_cfg is not None and "bn_outputs" in bn_cfg.runs[0].run["info"]:
         info = bn_cfg.runs[0].run["info"]
@@ -95,8 +95,8 @@ def report(rc) -> list[str]:
         samples["RiFT with BN"] = info["bn_outputs"]["final"].get(layer, [])
         samples = {k: v for k, v in samples.items() if v}
         if layer and len(samples) >= 2:
-            path = figures.densities(rc.figure("bn-kde"), samples, xlabel=f"output of {layer}",
+            path = density_figure(rc.figure("bn-kde"), samples, xlabel=f"output of {layer}",
                                      title=f"{layer} (lowest-MRC BN) on each model's own PGD-10 examples")
             lines += ["### BN outputs on adversarial examples (the seed paper's figure 3)", ""] + \
-                figures.embed(path, "KDE of BN outputs")
+                embed_figure(path, "KDE of BN outputs")
     return lines

@@ -79,7 +79,7 @@ def undefended():
 
     ds = data.load("digits", n_train=900, n_val=50, n_test=128)
     torch.manual_seed(0)
-    model = models.build("tiny_cnn", ds.spec)
+    model = models.build_model("tiny_cnn", ds.spec)
     train.train(model, ds.train, train.Clean(), train.TrainSpec(epochs=15, lr=0.2, batch_size=64),
                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     assert train.accuracy(model, ds.test, torch.device("cpu")) > 0.85

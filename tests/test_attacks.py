@@ -10,9 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench import data, models, state, train
-from bench.api import Defended, resolve_params
+from bench.api import Defended
+from bench.params import resolve_params
 from bench.errors import BenchError
-from bench.evaluate import BatchComposition, attack_cell
+from bench.composition import BatchComposition
+from bench.evaluate import attack_cell
 from bench.registry import load
 
 DEVICE = torch.device("cpu")
@@ -150,7 +152,7 @@ def test_deepfool_matches_torchattacks(cifar10_dir):
 
     ds = data.load("cifar10", cifar10_dir, n_val=100, n_test=64)
     torch.manual_seed(0)
-    model = models.build("tiny_cnn", ds.spec)
+    model = models.build_model("tiny_cnn", ds.spec)
     train.train(model, ds.train.subset(slice(0, 3000)), train.Clean(), train.TrainSpec(epochs=6, lr=0.1, batch_size=64),
                 device=DEVICE, generator=torch.Generator().manual_seed(0))
     model.eval()

@@ -32,7 +32,7 @@ def _corrupt_data_dir(tmp_path):
 
 def _foreign_checkpoint(tmp_path):
     path = tmp_path / "small.pt"
-    torch.save(models.build("small_cnn", data.DATASETS["digits"]).state_dict(), path)
+    torch.save(models.build_model("small_cnn", data.DATASETS["digits"]).state_dict(), path)
     return path
 
 

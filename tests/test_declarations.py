@@ -98,9 +98,23 @@ def test_bench_check_runs_third_party_attacks_that_ask_for_it(tmp_path, out_dir)
     assert re.search(r"toy_query \d+\.\d\d% vs best white-box", text), res.stdout
 
 
+def test_the_default_attacks_are_those_that_declare_in_default(monkeypatch, tmp_path):
+    from bench import runner
+
+    builtin = runner.attack_items("default")
+    assert builtin == ["fgsm", "pgd10"]  # the built-ins declaring it, cheap first
+    assert runner.attack_items("default,pgd10[eps=4/255]") == builtin + ["pgd10[eps=4/255]"]
+    site = make_distribution(PLUGINS / "declaring_plugin", tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    assert runner.attack_items("default") == builtin + ["toy_grad"]  # a third-party attack joins by declaring
+    assert "toy_grad" not in runner.attack_items("all")  # in_all = False: the two declarations are independent
+
+
 def test_a_misspelt_declaration_is_refused_when_the_attack_is_defined():
     with pytest.raises(BenchError, match="access must be 'white-box', 'black-box' or ''"):
         type("Typo", (Attack,), {"access": "whitebox", "eps": 0.1})
     with pytest.raises(BenchError, match="stronger_than must be attack names"):
         type("Typo", (Attack,), {"stronger_than": ("pgd10", 3), "eps": 0.1})
+    with pytest.raises(BenchError, match="in_default must be True or False"):
+        type("Typo", (Attack,), {"in_default": "yes", "eps": 0.1})
 

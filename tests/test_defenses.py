@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import data, layers, models, registry, state
-from bench.api import Context, resolve_params
+from bench.api import Context
+from bench.params import resolve_params
 from conftest import make_ctx
 from defenses.rift import choose_alpha
 
@@ -130,7 +131,7 @@ def test_mrc_is_memoised_across_rift_and_rift_bn(ctx):
 
 def test_exact_module_path_conv1_is_not_layer1_0_conv1(tmp_path):
     torch.manual_seed(0)
-    net = models.build("resnet20", data.DATASETS["digits"])
+    net = models.build_model("resnet20", data.DATASETS["digits"])
     path = tmp_path / "resnet20-random.pt"
     torch.save(net.state_dict(), path)
     ctx = make_ctx(tmp_path, arch="resnet20", base_checkpoints={"pgd_at": path},
@@ -157,7 +158,7 @@ def test_layer_type_finetuning_leaves_frozen_groups_bit_identical(ctx, name, fro
         own = layers.parameter_names(built.model, [path])
         if not own:
             continue
-        if layers.kind(m) in frozen_kinds:
+        if layers.module_kind(m) in frozen_kinds:
             assert not (own & changed), f"{name} changed frozen {path}"
         else:
             assert own & changed, f"{name} did not train {path}"

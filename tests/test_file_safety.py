@@ -228,7 +228,7 @@ def test_two_runs_needing_the_same_base_train_it_once(tmp_path):
 
 def _nonfinite_state(value: float) -> tuple[dict, str]:
     """A tiny_cnn state dict for digits whose first weight tensor is all `value`, and that tensor's name."""
-    state = models.build("tiny_cnn", data.DATASETS["digits"]).state_dict()
+    state = models.build_model("tiny_cnn", data.DATASETS["digits"]).state_dict()
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = torch.full_like(state[name], value)
     return state, name
@@ -256,7 +256,7 @@ def test_non_finite_weights_are_never_cached(tmp_path):
 
 @pytest.mark.parametrize("case", ["meta not a dict", "numbers for weights", "text for weights", "numbered keys"])
 def test_a_checkpoint_that_is_no_state_dict_is_a_user_error(tmp_path, case):
-    model = models.build("tiny_cnn", data.DATASETS["digits"])
+    model = models.build_model("tiny_cnn", data.DATASETS["digits"])
     state = model.state_dict()
     obj = {"meta not a dict": {"state_dict": state, "meta": [1]},
            "numbers for weights": {"state_dict": {k: 1 for k in state}},
@@ -278,7 +278,7 @@ def test_checksum_files_that_are_not_text_are_user_errors(tmp_path, cifar10_dir)
     with pytest.raises(BenchError, match="SHA256SUMS.tsv is not a text file of checksums"):
         data.load("cifar10", root)
     path = tmp_path / "cached.pt"
-    checkpoints.save(path, models.build("tiny_cnn", data.DATASETS["digits"]).state_dict(), {})
+    checkpoints.save(path, models.build_model("tiny_cnn", data.DATASETS["digits"]).state_dict(), {})
     (tmp_path / "cached.pt.sha256").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(BenchError, match="cached.pt is corrupt: its sha256 differs from cached.pt.sha256"):
         checkpoints.load(path, require_digest=True)

@@ -14,7 +14,7 @@ CIFAR = data.DATASETS["cifar10"]
 @pytest.mark.parametrize("arch, params_m", [("resnet20", 0.27), ("resnet18", 11.2), ("preact_resnet18", 11.2),
                                             ("wrn34_10", 46.2), ("small_cnn", 0.095), ("tiny_cnn", 0.0055)])
 def test_architectures_forward_and_size(arch, params_m):
-    model = models.build(arch, CIFAR).eval()
+    model = models.build_model(arch, CIFAR).eval()
     n = sum(p.numel() for p in model.parameters()) / 1e6
     assert n == pytest.approx(params_m, rel=0.1)
     with torch.no_grad():
@@ -22,7 +22,7 @@ def test_architectures_forward_and_size(arch, params_m):
 
 
 def test_normalisation_is_the_first_layer():
-    model = models.build("resnet20", CIFAR).eval()
+    model = models.build_model("resnet20", CIFAR).eval()
     first = next(iter(model.named_children()))
     assert first[0] == "normalize"
     x = torch.rand(2, 3, 32, 32)
@@ -33,7 +33,7 @@ def test_normalisation_is_the_first_layer():
 
 
 def test_resnet20_module_paths():
-    names = dict(models.build("resnet20", CIFAR).named_modules())
+    names = dict(models.build_model("resnet20", CIFAR).named_modules())
     for path in ("conv1", "bn1", "layer1.0.conv1", "layer2.0.shortcut.0", "layer2.0.shortcut.1",
                  "layer3.2.bn2", "linear"):
         assert path in names, path
@@ -42,4 +42,4 @@ def test_resnet20_module_paths():
 
 def test_unknown_architecture():
     with pytest.raises(BenchError, match="did you mean 'resnet20'"):
-        models.build("resnet2O", CIFAR)
+        models.build_model("resnet2O", CIFAR)

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from bench import config
-from bench.api import Param, resolve_params
 from bench.errors import BenchError
+from bench.params import Param, exact_text, resolve_params
 
 SPECS = {
     "eps": Param(8 / 255, "budget", above=0, high=1, preset="eps"),
@@ -75,7 +75,7 @@ def test_run_id_is_stable_and_ignores_where_results_go():
 
 
 def test_cell_keys_and_threats_are_exact():
-    from bench.api import convert
+    from bench.params import convert
     from bench.registry import load
     from bench.runner import Request, prepare
 
@@ -89,14 +89,14 @@ def test_cell_keys_and_threats_are_exact():
     assert labels("pgd10") == [("pgd10", "Linf eps=0.1")]  # the default budget: the name alone
     # readable where exact: a budget on the 8-bit grid reads k/255, and every text reads back to its value
     for eps, text in ((8 / 255, "8/255"), (16 / 255, "16/255"), (0.2, "0.2"), (0.1, "0.1"), (1 / 7, repr(1 / 7))):
-        assert config.exact_text(eps) == text
+        assert exact_text(eps) == text
         assert convert("eps", Param(0.1, "eps"), text) == eps
         assert load("attack", "pgd10")(eps=eps).threat == f"Linf eps={text}"
     assert config.AttackSpec("pgd10", (("eps", 4 / 255), ("steps", 20))).label == "pgd10[eps=4/255,steps=20]"
 
 
 def test_empty_string_and_infinite_int_are_user_errors():
-    from bench.api import convert
+    from bench.params import convert
 
     with pytest.raises(BenchError, match="parameter 'tag' expects a non-empty str"):
         convert("tag", Param("x", "tag"), " ")  # `--param tag=`

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from bench.api import Attack, Defended, Defense, Param, resolve_params
+from bench.api import Attack, Defended, Defense, Param
+from bench.params import resolve_params
 from bench.errors import BenchError
 from conftest import PLUGINS, make_distribution
 

@@ -21,6 +21,8 @@ def test_list_shows_every_builtin_with_a_description(bench):
     for name in BUILTIN_DEFENSES | BUILTIN_ATTACKS:
         assert name in lines, name
         assert len(lines[name].split(None, 1)[1]) > 10, f"{name} has no description"
+    # the attacks run when --attacks is not given are marked, as their classes declare
+    assert sorted(n for n, line in lines.items() if line.endswith("[default]")) == ["fgsm", "pgd10"]
 
 
 def test_list_verbose_shows_parameters_and_defaults(bench):

@@ -10,7 +10,8 @@ import torch
 from scipy import stats as sps
 
 from bench import checks, data, models, train
-from bench.api import Defended, resolve_params
+from bench.api import Defended
+from bench.params import resolve_params
 from bench.evaluate import attack_cell
 from bench.registry import load
 from bench.stats import mcnemar, mean_std, wilson

@@ -20,7 +20,7 @@ def digits():
 
 def fresh(seed=0):
     torch.manual_seed(seed)
-    return models.build("tiny_cnn", data.DATASETS["digits"])
+    return models.build_model("tiny_cnn", data.DATASETS["digits"])
 
 
 def spec(epochs=1, lr=0.05, **kw):

@@ -22,6 +22,7 @@ class ToyGradient(_Unchanged):
 
     access = "white-box"
     stronger_than = "pgd10"  # one name is enough
+    in_default = True  # run when --attacks is not given
 
 
 class ToyQuery(_Unchanged):

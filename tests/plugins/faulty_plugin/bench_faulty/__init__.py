@@ -6,8 +6,7 @@ import os
 
 import torch
 
-from bench.api import Attack, Defended, Defense, Param
-from bench.errors import BenchError
+from bench.api import Attack, BenchError, Defended, Defense, Param
 
 
 class FailingBuild(Defense):

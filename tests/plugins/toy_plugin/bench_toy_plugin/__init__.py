@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bench.api import Attack, Defended, Defense, Param
+from bench.api import Attack, Defended, Defense, Param, batch_statistics
 
 
 class ToyDefense(Defense):
@@ -67,8 +67,6 @@ class UndeclaredBatchStats(Defense):
     """Toy that normalises with batch statistics at inference but does not declare batch_dependent."""
 
     def build(self, ctx) -> Defended:
-        from bench import layers
-
         base = ctx.base("standard")
 
         class BatchStats(torch.nn.Module):
@@ -77,7 +75,7 @@ class UndeclaredBatchStats(Defense):
                 self.net = base
 
             def forward(self, x):
-                with layers.batch_statistics(self.net):
+                with batch_statistics(self.net):
                     return self.net(x)
 
         return Defended(model=BatchStats().eval())

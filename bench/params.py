@@ -1,0 +1,188 @@
+"""Parameter declarations of plugins and presets: `Param`, the conversion of a command-line, TOML or
+Python value to a parameter's type and range, and the exact text of a value. The bottom of the core: it
+imports nothing of the engine."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bench.errors import BenchError, did_you_mean
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword parameter of a plugin.
+
+    `default` is the paper-scale value. `preset` names a preset field whose value replaces the default at
+    the run's scale (e.g. fine-tuning epochs), so presets scale budgets without touching the algorithm.
+    `kind` is inferred from the default when omitted: int, float, bool, str, or tuple (comma-separated).
+    """
+
+    default: Any
+    help: str
+    kind: type | None = None
+    choices: tuple = ()
+    low: float | None = None  # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    above: float | None = None  # exclusive lower bound (e.g. eps > 0)
+    preset: str | None = None
+    item: type = float  # element type of tuple parameters
+
+    @property
+    def type(self) -> type:
+        if self.kind is not None:
+            return self.kind
+        if self.default is None:
+            return str
+        return type(self.default)
+
+    def describe(self) -> str:
+        default = f"{self.default:.4g}" if isinstance(self.default, float) else repr(self.default)
+        bits = [f"default {default}"]
+        if self.preset:
+            bits.append(f"scaled by preset field '{self.preset}'")
+        if self.choices:
+            bits.append("one of " + "|".join(map(str, self.choices)))
+        return f"{self.help} ({'; '.join(bits)})"
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    text = text.strip()
+    if kind is float and "/" in text:  # budgets are written as 8/255 in every paper
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return kind(text)
+
+
+def convert(name: str, spec: Param, value: Any, what: str = "parameter") -> Any:
+    """Turn a CLI string (or a TOML/Python value) into the parameter's type and check its range. `what`
+    names the kind of setting in errors (a plugin parameter, a preset field)."""
+    if value is None and spec.default is None:  # "not set": the plugin derives it (e.g. alpha = eps/4)
+        return None
+    kind = spec.type
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = low in ("1", "true", "yes", "on")
+            else:
+                value = bool(value)
+        elif kind is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if spec.item is str:
+                value = tuple(str(v).strip() for v in items if str(v).strip())
+            else:
+                value = tuple(_parse_number(v, spec.item) if isinstance(v, str) else spec.item(v)
+                              for v in items if not (isinstance(v, str) and not v.strip()))
+        elif kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, str):
+                value = _parse_number(value, kind)
+            elif kind is int:
+                if float(value) != int(value):
+                    raise ValueError(value)
+                value = int(value)
+            else:
+                value = float(value)
+        elif value is not None:
+            value = kind(value)
+            if kind is str and not value.strip():  # `--param key=` is a slip, not a name
+                raise ValueError(value)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):  # OverflowError: int(inf) from TOML
+        raise BenchError(f"{what} '{name}' expects {'a non-empty ' if kind is str else ''}{kind.__name__}, "
+                         f"got {value!r}") from None
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if spec.choices and v not in spec.choices:
+            raise BenchError(f"{what} '{name}' must be one of {', '.join(map(str, spec.choices))}, "
+                             f"got {v!r}{did_you_mean(str(v), map(str, spec.choices))}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BenchError(f"{what} '{name}' must be finite, got {v}")
+            if spec.above is not None and not v > spec.above:
+                raise BenchError(f"{what} '{name}' must be > {spec.above}, got {v}")
+            if spec.low is not None and v < spec.low:
+                raise BenchError(f"{what} '{name}' must be >= {spec.low}, got {v}")
+            if spec.high is not None and v > spec.high:
+                raise BenchError(f"{what} '{name}' must be <= {spec.high}, got {v}")
+    return value
+
+
+def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
+                   preset: Any = None) -> dict[str, Any]:
+    """Complete `given` with defaults (preset-scaled where declared), converted and range-checked."""
+    _known_names(owner, specs, given)
+    out = {}
+    for name, spec in specs.items():
+        if name in given:
+            out[name] = convert(name, spec, given[name])
+        elif spec.preset and preset is not None and getattr(preset, spec.preset, None) is not None:
+            out[name] = convert(name, spec, getattr(preset, spec.preset))
+        else:
+            out[name] = spec.default if spec.default is None else convert(name, spec, spec.default)
+    return out
+
+
+def _known_names(owner: str, specs: dict[str, Param], given: dict[str, Any]) -> None:
+    for name in given:
+        if name not in specs:
+            known = ", ".join(sorted(specs)) or "none"
+            raise BenchError(f"{owner} has no parameter '{name}'{did_you_mean(name, specs)}; "
+                             f"its parameters: {known}")
+
+
+def _keyword_params(init: Callable, declared: dict[str, Param]) -> dict[str, Param]:
+    """The keyword arguments of a plugin's own __init__ whose defaults a command line can express, as
+    Params: a plugin without a PARAMS table is configured like one that has it."""
+    out = {}
+    for arg in inspect.signature(init).parameters.values():
+        if arg.name in declared or arg.kind not in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
+            continue
+        value = arg.default
+        if value is arg.empty or not (value is None or isinstance(value, (bool, int, float, str, tuple))):
+            continue
+        if isinstance(value, tuple):
+            item = type(value[0]) if value and isinstance(value[0], (int, float, str)) else float
+            out[arg.name] = Param(value, "keyword argument", item=item)
+        else:
+            out[arg.name] = Param(value, "keyword argument")
+    return out
+
+
+class ParamValues(dict):
+    """Resolved parameter values; `p.epochs` reads like `p["epochs"]`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _accepted(init: Callable, params: dict[str, Any], declared: dict[str, Param]) -> dict[str, Any]:
+    """`params` less the declared parameters that `init` has no argument for (e.g. the parameter `eps`
+    that a class attribute declares, given to an __init__ that takes only `steps`): they are in
+    self.params already."""
+    args = inspect.signature(init).parameters
+    if any(a.kind is a.VAR_KEYWORD for a in args.values()):
+        return params
+    return {k: v for k, v in params.items() if k in args or k not in declared}
+
+
+def exact_text(value: Any) -> str:
+    """Text that reads back as exactly `value`: cells are keyed by it and worst cases grouped by it, so two
+    budgets that differ in any digit never share a result. A float is written k/255 when it is exactly that
+    and shorter (8/255, not 0.03137254901960784), a whole number without '.0', else as Python's
+    shortest round-trip repr (0.050004)."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)
+    text = str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)  # 3, not 3.0
+    k = round(value * 255)
+    if k and k / 255 == value and len(f"{k}/255") < len(text):
+        return f"{k}/255"
+    return text
