@@ -54,8 +54,7 @@ class Preset:
     # fine-tuning defenses
     ft_epochs: int = 10
     ft_lr: float = 1e-3
-    mrc_samples: int = 1000  # size of RiFT's fixed adversarial set
-    mrc_passes: int = 10
+    # A plugin's own budgets are not fields: it scales them with `Param(per_preset=...)`.
 
     @property
     def epochs(self) -> dict[str, int]:
@@ -74,8 +73,7 @@ LIMITS: dict[str, dict] = {
     "epochs_standard": dict(low=1), "epochs_pgd_at": dict(low=1), "epochs_trades": dict(low=1),
     "epochs_fgsm_rs": dict(low=1), "lr": dict(above=0), "lr_fgsm_rs": dict(above=0),
     "schedule": dict(choices=("step", "cosine")), "momentum": dict(low=0, high=1), "weight_decay": dict(low=0),
-    "n_val_robust": dict(low=1), "ft_epochs": dict(low=1), "ft_lr": dict(above=0), "mrc_samples": dict(low=1),
-    "mrc_passes": dict(low=1),
+    "n_val_robust": dict(low=1), "ft_epochs": dict(low=1), "ft_lr": dict(above=0),
 }
 # Fields that name the preset and its defaults: chosen by their own options, so the stored run always says
 # what ran (a `--set dataset=` would be stored while the data came from the preset's dataset).
@@ -88,7 +86,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset("smoke", "digits", "tiny_cnn", n_train=600, n_val=100, n_test=128, batch_size=64,
                     eval_batch_size=64, eps=0.1, epochs_standard=10, epochs_pgd_at=10, epochs_trades=10,
                     epochs_fgsm_rs=10, lr=0.2, lr_fgsm_rs=0.2, schedule="cosine", n_val_robust=100,
-                    ft_epochs=2, ft_lr=0.01, mrc_samples=64, mrc_passes=3),
+                    ft_epochs=2, ft_lr=0.01),
     # quick: the first run on a laptop. lr 0.2 / batch 64 measured best for PGD-AT on digits
     # (96.9% clean / 66.4% PGD-10 at eps 0.2, vs 91.3 / 50.1 with lr 0.1 / batch 128). The first 300 test
     # images in one batch keep `--attacks all` near 2 minutes: Square's 5,000 queries per robust sample
@@ -96,17 +94,16 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset("quick", "digits", "small_cnn", n_val=200, n_test=300, batch_size=64, eval_batch_size=512,
                     epochs_standard=15, epochs_pgd_at=30, epochs_trades=30, epochs_fgsm_rs=15,
                     lr=0.2, lr_fgsm_rs=0.2, schedule="cosine", n_val_robust=200, ft_epochs=5,
-                    ft_lr=0.005, mrc_samples=200, mrc_passes=10),
+                    ft_lr=0.005),
     # mini: batch 64 doubles the optimizer steps of a 4,670-image epoch at the same compute: PGD-AT reached
     # 42.2% clean / 29.3% PGD-10 on the 1,017 test images vs 35.1 / 25.2 with batch 128 (13 min on 2 cores).
     "mini": Preset("mini", "cifar10", "resnet20", n_val=500, batch_size=64, eval_batch_size=256,
                    epochs_standard=15, epochs_pgd_at=15, epochs_trades=15, epochs_fgsm_rs=15,
                    lr=0.1, lr_fgsm_rs=0.2, schedule="cosine", n_val_robust=500, ft_epochs=5,
-                   ft_lr=1e-3, mrc_samples=500, mrc_passes=10),
+                   ft_lr=1e-3),
     "paper": Preset("paper", "cifar10", "resnet18", n_val=1000, n_test=None, batch_size=128,
                     eval_batch_size=256, epochs_standard=200, epochs_pgd_at=110, epochs_trades=110,
-                    epochs_fgsm_rs=15, schedule="step", n_val_robust=1000, ft_epochs=10, ft_lr=1e-3,
-                    mrc_samples=1000, mrc_passes=10),
+                    epochs_fgsm_rs=15, schedule="step", n_val_robust=1000, ft_epochs=10, ft_lr=1e-3),
 }
 DEFAULT_PRESET = "quick"
 
@@ -138,15 +135,22 @@ def concrete(preset: Preset, spec) -> Preset:
     return out
 
 
-def override_preset(preset: Preset, values: dict[str, Any]) -> Preset:
+def override_preset(preset: Preset, values: dict[str, Any],
+                    plugin_params: dict[str, tuple[str, str, str]] | None = None) -> Preset:
     """Apply `--set key=value` / TOML `set` overrides, each converted to its field's type and checked
-    against its declared range (LIMITS)."""
+    against its declared range (LIMITS). `plugin_params` maps the parameter names of the run's plugins to
+    (the plugin, the option that sets one, its TOML table), e.g. ("defense 'x'", "--param ", "params."), so
+    that `--set` of a plugin's parameter says where it belongs."""
     names = [f.name for f in fields(Preset) if f.name not in NOT_SET]
     kinds = {f.name: f for f in fields(Preset)}
     changes = {}
     for key, raw in values.items():
         if key in NOT_SET:
             raise BenchError(f"'{key}' is not set with --set or [set]: use {NOT_SET[key]}")
+        if key not in kinds and key in (plugin_params or {}):
+            owner, option, table = plugin_params[key]
+            raise BenchError(f"'{key}' is not a preset field but a parameter of {owner}: use {option}{key}={raw} "
+                             f"(TOML: {table}{key} = ...)")
         if key not in kinds:
             raise BenchError(f"preset has no field '{key}'{did_you_mean(key, names)}")
         changes[key] = _coerce(key, raw, kinds[key])
@@ -215,7 +219,13 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        return stable_hash(self.identity())
+        return run_id_of(self.identity())
+
+
+def run_id_of(identity: dict) -> str:
+    """A run's id from its identity (`RunConfig.identity()`, as stored in runs.config): the one place it is
+    computed, so a results-database migration that rewrites stored identities gives the ids runs get."""
+    return stable_hash(identity)
 
 
 def training_scope(identity: dict, train_fingerprint: str) -> dict:

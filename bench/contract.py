@@ -129,7 +129,8 @@ class Attack(_Plugin):
             # A plain class attribute would hide the property below: it becomes the default of the
             # parameter `eps` instead, as if declared in PARAMS.
             spec = cls.PARAMS.get("eps") or Param(value, "budget")
-            cls.PARAMS = {**cls.PARAMS, "eps": dataclasses.replace(spec, default=value, preset=None)}
+            spec = dataclasses.replace(spec, default=value, preset=None, per_preset=None)
+            cls.PARAMS = {**cls.PARAMS, "eps": spec}
             delattr(cls, "eps")
         spec = cls.PARAMS.get("eps")
         if spec is not None and spec.type is int:  # `eps = 1` still takes 0.5 from the command line

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from bench.errors import BenchError, did_you_mean
 
@@ -15,8 +16,10 @@ from bench.errors import BenchError, did_you_mean
 class Param:
     """One keyword parameter of a plugin.
 
-    `default` is the paper-scale value. `preset` names a preset field whose value replaces the default at
-    the run's scale (e.g. fine-tuning epochs), so presets scale budgets without touching the algorithm.
+    `default` is the paper-scale value. `per_preset` is the plugin's own value at each scale, by preset name
+    ({"smoke": 64, "quick": 200}); presets it does not name use `default`. `preset` names a field of the core's
+    preset whose value replaces the default at the run's scale (shared budgets such as fine-tuning epochs).
+    Either way presets scale budgets without touching the algorithm, and a value the user gives wins.
     `kind` is inferred from the default when omitted: int, float, bool, str, or tuple (comma-separated).
     """
 
@@ -29,6 +32,11 @@ class Param:
     above: float | None = None  # exclusive lower bound (e.g. eps > 0)
     preset: str | None = None
     item: type = float  # element type of tuple parameters
+    per_preset: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.per_preset is not None:  # a read-only copy: a declaration never changes after the class is made
+            object.__setattr__(self, "per_preset", MappingProxyType(dict(self.per_preset)))
 
     @property
     def type(self) -> type:
@@ -41,6 +49,8 @@ class Param:
     def describe(self) -> str:
         default = f"{self.default:.4g}" if isinstance(self.default, float) else repr(self.default)
         bits = [f"default {default}"]
+        if self.per_preset:
+            bits.append("scaled per preset: " + ", ".join(f"{k} {v!r}" for k, v in self.per_preset.items()))
         if self.preset:
             bits.append(f"scaled by preset field '{self.preset}'")
         if self.choices:
@@ -115,16 +125,34 @@ def convert(name: str, spec: Param, value: Any, what: str = "parameter") -> Any:
 
 def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
                    preset: Any = None) -> dict[str, Any]:
-    """Complete `given` with defaults (preset-scaled where declared), converted and range-checked."""
+    """Complete `given` with defaults (preset-scaled where declared), converted and range-checked. A value
+    given wins, then the parameter's `per_preset` value for this preset, then the preset field it names,
+    then its default."""
     _known_names(owner, specs, given)
+    scale = getattr(preset, "name", None)
     out = {}
     for name, spec in specs.items():
+        declared = _per_preset(owner, name, spec)
         if name in given:
             out[name] = convert(name, spec, given[name])
+        elif scale in declared:
+            out[name] = declared[scale]
         elif spec.preset and preset is not None and getattr(preset, spec.preset, None) is not None:
             out[name] = convert(name, spec, getattr(preset, spec.preset))
         else:
             out[name] = spec.default if spec.default is None else convert(name, spec, spec.default)
+    return out
+
+
+def _per_preset(owner: str, name: str, spec: Param) -> dict[str, Any]:
+    """The declared per-preset values, converted and range-checked like a value given (a wrong one is the
+    plugin's mistake, named, whichever preset runs)."""
+    out = {}
+    for scale, value in (spec.per_preset or {}).items():
+        try:
+            out[scale] = convert(name, spec, value)
+        except BenchError as exc:
+            raise BenchError(f"{owner} declares an invalid value for preset '{scale}': {exc}") from None
     return out
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
+from bench.config import PRESETS
 from bench.contract import Attack, Defense
-from bench.errors import BenchError, unknown
+from bench.errors import BenchError, did_you_mean, unknown
 
 GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports"}
 BASES = {"defense": Defense, "attack": Attack}
@@ -72,8 +73,20 @@ def load(kind: str, name: str) -> type:
     if not (isinstance(obj, type) and issubclass(obj, BASES[kind])):
         reason = f"not a subclass of bench.api.{BASES[kind].__name__}"
         raise PluginLoadError(f"{kind} '{name}' ({prov}) is {reason}", reason)
+    _check_presets(kind, name, prov, obj)
     obj.name = name
     return obj
+
+
+def _check_presets(kind: str, name: str, prov: Provider, cls: type) -> None:
+    """A `per_preset` entry for a preset that does not exist (a typo) would silently leave its parameter at
+    the default: the plugin is broken, naming the entry."""
+    for pname, spec in cls.PARAMS.items():
+        stray = [p for p in getattr(spec, "per_preset", None) or () if p not in PRESETS]
+        if stray:
+            reason = (f"parameter '{pname}' declares a value for unknown preset '{stray[0]}'"
+                      f"{did_you_mean(stray[0], PRESETS)}; presets: {', '.join(PRESETS)}")
+            raise PluginLoadError(f"{kind} '{name}' ({prov}): {reason}", reason)
 
 
 def declared(kind: str, name: str) -> type | None:

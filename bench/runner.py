@@ -174,7 +174,11 @@ def prepare(req: Request) -> Prepared:
     dataset = req.dataset or preset.dataset
     if dataset not in data_mod.DATASETS:
         raise unknown("dataset", dataset, data_mod.DATASETS)
-    preset = config_mod.override_preset(preset, req.sets)
+    # `--set` of a parameter of this run's defense or attacks is a slip: say which option sets it
+    plugin_params = {k: (f"attack '{n}'", f"--attack-param {n}.", f"attack_params.{n}.")
+                     for n, c in attack_classes.items() for k in c.PARAMS}
+    plugin_params.update({k: (f"defense '{req.defense}'", "--param ", "params.") for k in defense_cls.PARAMS})
+    preset = config_mod.override_preset(preset, req.sets, plugin_params)
     preset = config_mod.concrete(preset, data_mod.DATASETS[dataset])
     arch = req.arch or preset.arch
     if arch not in models.ARCHS:

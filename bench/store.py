@@ -94,7 +94,8 @@ DB_NAME = "results.sqlite"
 # PRAGMA user_version of a database this code writes: bump it with every table or column added to SCHEMA
 # (a new column also goes into ADDED_COLUMNS), so that an older bnbench refuses the newer file instead of
 # misreading it. Databases from before versioning (user_version 0: runs, cells, checks) are upgraded.
-SCHEMA_VERSION = 1
+# Version 2: run ids without the preset fields that became plugin parameters (MOVED_PRESET_FIELDS).
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x626E6231  # "bnb1" in the file header: this SQLite file is a bnbench results database
 # columns that databases of an earlier version may lack, and how to add them
 ADDED_COLUMNS = {("checks", "flag"): "ALTER TABLE checks ADD COLUMN flag TEXT NOT NULL DEFAULT ''"}
@@ -192,8 +193,11 @@ class Store:
                 for (table, column), ddl in ADDED_COLUMNS.items():
                     if column not in tables[table]:
                         self.conn.execute(ddl)
-                if self.conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
                     _exact_labels(self.conn)
+                if version < 2:
+                    _without_moved_preset_fields(self.conn)
                 self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -344,6 +348,45 @@ def _exact_labels(conn) -> None:
             attack = name + "[" + ",".join(
                 f"{k}={exact_text(stored[k]) if isinstance(stored.get(k), float) else v}" for k, v in items) + "]"
         conn.execute("UPDATE OR IGNORE cells SET attack=?, threat=? WHERE rowid=?", (attack, threat, rowid))
+
+
+# Preset fields that a plugin now declares as its own parameters' per-preset values (schema version 2). A
+# plugin that read one took it into its parameters, which stay in the run's identity.
+MOVED_PRESET_FIELDS = ("mrc_samples", "mrc_passes")
+RUN_TABLES = ("cells", "checks", "requests", "failures")  # every table keyed by run_id besides runs
+
+
+def _without_moved_preset_fields(conn) -> None:
+    """Give each stored run the id today's code computes for it: its stored identity without the moved
+    preset fields, hashed by the runner's own function. Otherwise a resumed run would compute every cell
+    again under a new id, beside the old run. Two runs that differed only in a moved field (which their
+    defense's parameters did not take) are one configuration now: the earlier one keeps its rows, the
+    later one adds the cells and requests the earlier lacks."""
+    from bench.config import run_id_of
+
+    for old, text in conn.execute("SELECT run_id, config FROM runs ORDER BY created").fetchall():
+        try:
+            identity = json.loads(text)
+        except (TypeError, ValueError):
+            continue  # left as it is: reading it reports the corrupt row
+        preset = identity.get("preset") if isinstance(identity, dict) else None
+        if not isinstance(preset, dict) or not any(k in preset for k in MOVED_PRESET_FIELDS):
+            continue
+        identity["preset"] = {k: v for k, v in preset.items() if k not in MOVED_PRESET_FIELDS}
+        new = run_id_of(identity)
+        if new == old:
+            continue
+        if conn.execute("SELECT 1 FROM runs WHERE run_id=?", (new,)).fetchone() is None:
+            conn.execute("UPDATE runs SET run_id=?, config=? WHERE run_id=?",
+                         (new, json.dumps(identity, sort_keys=True, default=to_json), old))
+        else:
+            conn.execute("DELETE FROM runs WHERE run_id=?", (old,))
+        for table in RUN_TABLES:
+            conn.execute(f"UPDATE OR IGNORE {table} SET run_id=? WHERE run_id=?", (new, old))
+            conn.execute(f"DELETE FROM {table} WHERE run_id=?", (old,))  # rows the kept run already had
+        # a stored cell supersedes a failure of it (as put_cell does)
+        conn.execute("DELETE FROM failures WHERE run_id=? AND EXISTS (SELECT 1 FROM cells WHERE cells.run_id="
+                     "failures.run_id AND cells.attack=failures.cell AND cells.protocol=failures.protocol)", (new,))
 
 
 def _tables(conn) -> dict[str, dict[str, str]]:

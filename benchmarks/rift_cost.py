@@ -64,8 +64,8 @@ def main() -> None:
 
     s = info["seconds"]
     n_cand = len(info["candidates"])
-    print(f"{args.defense} on mini (ResNet-20, {len(ds.train)} training images, {preset.mrc_samples} MRC samples, "
-          f"{n_cand} candidates x {preset.mrc_passes} passes), {precision} training, fp32 evaluation")
+    print(f"{args.defense} on mini (ResNet-20, {len(ds.train)} training images, {defense.params.mrc_samples} MRC samples, "
+          f"{n_cand} candidates x {defense.params.mrc_passes} passes), {precision} training, fp32 evaluation")
     print(f"one PGD-AT epoch of the same model and data: {epoch:.1f}s")
     for stage in ("mrc", "finetune", "alpha_search"):
         print(f"  {stage:<13} {s[stage]:7.1f}s = {s[stage] / epoch:5.2f} PGD-AT epochs")

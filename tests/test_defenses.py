@@ -135,9 +135,9 @@ def test_exact_module_path_conv1_is_not_layer1_0_conv1(tmp_path):
     path = tmp_path / "resnet20-random.pt"
     torch.save(net.state_dict(), path)
     ctx = make_ctx(tmp_path, arch="resnet20", base_checkpoints={"pgd_at": path},
-                   sets={"mrc_passes": "1", "mrc_samples": "16", "ft_epochs": "1", "n_val": "40",
-                         "n_val_robust": "40"})
-    built = defense("rift", ctx, modules="conv1", alpha_grid="1.0", tolerance=100, bn_stats="frozen").build(ctx)
+                   sets={"ft_epochs": "1", "n_val": "40", "n_val_robust": "40"})
+    built = defense("rift", ctx, modules="conv1", alpha_grid="1.0", tolerance=100, bn_stats="frozen",
+                    mrc_passes=1, mrc_samples=16).build(ctx)
     assert built.info["chosen"] == ["conv1"]
     changed = param_diff(built.model, net.state_dict())
     assert changed == {"conv1.weight"}

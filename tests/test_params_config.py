@@ -103,3 +103,59 @@ def test_empty_string_and_infinite_int_are_user_errors():
     with pytest.raises(BenchError, match="parameter 'steps' expects int"):
         convert("steps", Param(10, "steps"), float("inf"))  # TOML `steps = inf`
     assert convert("extra", SPECS["extra"], "") == ()  # an empty tuple is a value
+
+
+def test_a_plugin_scales_its_own_parameter_per_preset_without_the_core():
+    """A toy defense declares its own value per preset: smoke and quick resolve different values, a preset it
+    does not name takes the default, a value given wins, and bench/config.py knows nothing of it."""
+    from bench.api import Defense
+
+    class Scaled(Defense):
+        PARAMS = {"samples": Param(1000, "images scored", low=1, per_preset={"smoke": 64, "quick": "200"}),
+                  # per_preset is the plugin's word, above the shared preset field it otherwise follows
+                  "epochs": Param(10, "epochs", low=1, preset="ft_epochs", per_preset={"quick": 7})}
+
+    smoke, quick, mini = (config.get_preset(n) for n in ("smoke", "quick", "mini"))
+
+    def resolved(preset, **given):
+        return Scaled(**resolve_params("defense 'scaled'", Scaled.PARAMS, given, preset)).params
+
+    assert resolved(smoke).samples == 64 and resolved(quick).samples == 200  # declared text is converted
+    assert resolved(mini).samples == 1000  # not named: the default
+    assert resolved(smoke, samples="16").samples == resolved(quick, samples=16).samples == 16
+    assert resolved(quick).epochs == 7 and resolved(smoke).epochs == smoke.ft_epochs == 2
+    assert "samples" not in {f.name for f in dataclasses.fields(config.Preset)}
+    assert "scaled per preset: smoke 64, quick '200'" in Scaled.PARAMS["samples"].describe()
+    with pytest.raises(TypeError):  # a declaration cannot be changed after the class is made
+        Scaled.PARAMS["samples"].per_preset["mini"] = 5
+
+
+def test_a_bad_per_preset_value_names_the_plugin_whichever_preset_runs():
+    specs = {"n": Param(10, "n", low=1, per_preset={"smoke": 2, "paper": 0})}
+    with pytest.raises(BenchError, match="defense 'toy' declares an invalid value for preset 'paper': "
+                                         "parameter 'n' must be >= 1, got 0"):
+        resolve_params("defense 'toy'", specs, {}, config.get_preset("smoke"))
+
+
+def test_rift_scales_its_mrc_budget_itself_and_set_of_it_says_use_param(bench, tmp_path):
+    from bench.runner import Request, prepare
+
+    def params(preset, **given):
+        prep = prepare(Request(defense="rift", attacks="fgsm", preset=preset, params=given, device="cpu",
+                               out=str(tmp_path / "r")))
+        return dict(prep.config.params)
+
+    assert [(params(p)["mrc_samples"], params(p)["mrc_passes"]) for p in ("smoke", "quick")] == [(64, 3), (200, 10)]
+    assert params("smoke", mrc_samples="16")["mrc_samples"] == 16
+    assert [f for f in ("mrc_samples", "mrc_passes") if hasattr(config.get_preset("smoke"), f)] == []
+
+    res = bench("run", "--preset", "smoke", "--defense", "rift", "--set", "mrc_samples=16", "--out", tmp_path / "r")
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "'mrc_samples' is not a preset field but a parameter of defense 'rift': use --param mrc_samples=16" \
+        in res.err
+    res = bench("run", "--preset", "smoke", "--defense", "standard", "--attacks", "pgd10", "--set", "steps=20",
+                "--out", tmp_path / "r")
+    assert res.code == 2 and "parameter of attack 'pgd10': use --attack-param pgd10.steps=20" in res.err, res.err
+    res = bench("run", "--preset", "smoke", "--defense", "standard", "--set", "mrc_samples=16", "--out", tmp_path / "r")
+    assert res.code == 2 and "preset has no field 'mrc_samples'" in res.err, res.err
+    assert not (tmp_path / "r").exists()  # refused before any work

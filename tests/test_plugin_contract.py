@@ -250,7 +250,7 @@ def test_minimal_plugin_runs_end_to_end(bench, out_dir, minimal_plugin):
 
 
 BROKEN = '''
-from bench.api import Attack
+from bench.api import Attack, Param
 
 
 class Base(Attack):
@@ -276,6 +276,16 @@ class Crashes(Base):
 
     def __init__(self):
         raise RuntimeError("needs a GPU")
+
+
+class TypoPreset(Base):
+    eps = 0.1
+    PARAMS = {"steps": Param(5, "steps", low=1, per_preset={"smoke": 2, "quik": 3})}
+
+
+class BadScale(Base):
+    eps = 0.1
+    PARAMS = {"steps": Param(5, "steps", low=1, per_preset={"paper": 0})}
 '''
 
 
@@ -284,6 +294,9 @@ class Crashes(Base):
     ("negative_eps", "attack 'negative_eps': eps must be a finite number > 0, got -0.1"),
     ("wrong_norm", "attack 'wrong_norm': attack norm must be Linf or L2, got 'l2'"),
     ("crashes", "attack 'crashes' could not be created: RuntimeError: needs a GPU"),
+    ("typo_preset", "parameter 'steps' declares a value for unknown preset 'quik' (did you mean 'quick'?)"),
+    # a wrong value for another preset than the one running is still the plugin's mistake, named
+    ("bad_scale", "attack 'bad_scale' declares an invalid value for preset 'paper': parameter 'steps' must be >= 1"),
     ("minimal_sign[eps=-1]", "attack 'minimal_sign': eps must be a finite number > 0, got -1.0"),
     ("minimal_attack[eps=inf]", "parameter 'eps' must be finite"),
 ])
@@ -294,7 +307,8 @@ def test_a_broken_plugin_is_one_clear_error_before_any_work(bench, tmp_path, min
     (src / "pyproject.toml").write_text(
         '[project]\nname = "bench-broken"\nversion = "0.1.0"\n[project.entry-points."bench.attacks"]\n'
         'no_eps = "bench_broken:NoEps"\nnegative_eps = "bench_broken:NegativeEps"\n'
-        'wrong_norm = "bench_broken:WrongNorm"\ncrashes = "bench_broken:Crashes"\n')
+        'wrong_norm = "bench_broken:WrongNorm"\ncrashes = "bench_broken:Crashes"\n'
+        'typo_preset = "bench_broken:TypoPreset"\nbad_scale = "bench_broken:BadScale"\n')
     sys_path = str(make_distribution(src, tmp_path / "broken-site"))
     import sys
 

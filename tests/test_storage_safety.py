@@ -5,6 +5,7 @@ cell, and names read from a database never make a path outside --dest."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -12,6 +13,7 @@ import subprocess
 
 import pytest
 
+from bench.config import stable_hash
 from bench.errors import BenchError
 from bench.store import SCHEMA, SCHEMA_VERSION, Store
 from conftest import file_digest
@@ -150,6 +152,89 @@ def test_rounded_labels_of_earlier_code_are_made_exact_on_upgrade(bench, results
     assert again["threat"] == cells[("pgd10[eps=0.03333333333333333]", "adaptive")]["threat"] == \
         "Linf eps=0.03333333333333333"
     assert cells[("fgsm", "adaptive")]["threat"] == "Linf eps=0.1"
+
+
+def _as_schema_1(db, run_id: str, **moved) -> str:
+    """Make the stored run `run_id` as version-1 code stored it: its identity's preset held `moved` (the
+    fields that are plugin parameters now) and its id, in every table, hashed that identity. The old id."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (text,) = conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        identity = json.loads(text)
+        identity["preset"].update(moved)
+        old = stable_hash(identity)  # what RunConfig.run_id was: the hash of the identity
+        conn.execute("UPDATE runs SET run_id=?, config=? WHERE run_id=?", (old, json.dumps(identity), run_id))
+        for table in ("cells", "checks", "requests", "failures"):
+            conn.execute(f"UPDATE {table} SET run_id=? WHERE run_id=?", (old, run_id))
+        conn.execute("PRAGMA user_version=1")
+        conn.commit()
+    return old
+
+
+def _rows(db, table: str) -> list:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
+
+
+def test_run_ids_of_schema_1_are_recomputed_and_a_resumed_run_computes_nothing(bench, results):
+    """Version 1 hashed preset fields that became a plugin's own parameters into every run id. Opening the
+    database gives each run the id a fresh `bench run` of its command computes, in every table; a resumed run
+    reuses every cell and adds no second run."""
+    from bench.runner import Request, prepare
+
+    db = results / "results.sqlite"
+    fresh = prepare(Request(defense="pgd_at", attacks="fgsm", preset="smoke", out=str(results))).config.run_id
+    assert [r["run_id"] for r in Store(results, create=False).runs()] == [fresh]
+    _sql(db, "INSERT INTO failures (run_id, cell, protocol, plugin, error, defense, created) "
+         f"VALUES ('{fresh}', 'pgd10', 'adaptive', 'attack pgd10', 'RuntimeError: x', 'pgd_at', 0)")
+    before = {t: _rows(db, t) for t in ("cells", "checks", "requests", "failures")}
+    assert all(before.values())
+    old = _as_schema_1(db, fresh, mrc_samples=64, mrc_passes=3)  # the smoke preset's values in version 1
+    assert old != fresh and _rows(db, "cells") != before["cells"]
+
+    store = Store(results)
+    (run,) = store.runs()
+    store.close()
+    assert run["run_id"] == fresh and "mrc_samples" not in run["config"]["preset"]
+    assert {t: _rows(db, t) for t in before} == before  # cells (flags, created), checks, requests, failures
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    res = bench(*RUN, "--out", results)
+    assert res.code == 0, res.err
+    assert f"run {fresh[:10]}" in res.out
+    assert _rows(db, "cells") == before["cells"]  # nothing computed again
+    assert [r["run_id"] for r in Store(results, create=False).runs()] == [fresh]
+
+
+RUN_COLUMNS = ("defense, params, preset, dataset, arch, seed, precision, command, code_version, batch_dependent, "
+               "randomized, has_surrogate, info, build_seconds")
+CELL_COLUMNS = "protocol, name, params, norm, eps, threat, n, correct, flags, seconds, extra"
+
+
+def test_runs_that_differed_only_in_a_moved_preset_field_become_one(results):
+    """Two version-1 runs that differed only in a moved field (`--set mrc_samples=16` on a defense without that
+    parameter) computed one configuration: they merge, the earlier run's cells kept, the later one's others
+    added."""
+    db = results / "results.sqlite"
+    (fresh,) = [r["run_id"] for r in Store(results, create=False).runs()]
+    first = _as_schema_1(db, fresh, mrc_samples=64, mrc_passes=3)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        identity = json.loads(conn.execute("SELECT config FROM runs").fetchone()[0])
+        identity["preset"]["mrc_samples"] = 16
+        second = stable_hash(identity)
+        conn.execute(f"INSERT INTO runs (run_id, config, created, {RUN_COLUMNS}) SELECT ?, ?, created + 1, "
+                     f"{RUN_COLUMNS} FROM runs WHERE run_id=?", (second, json.dumps(identity), first))
+        for attack, label in (("clean", "clean"), ("fgsm", "fgsm[eps=0.05]")):  # one cell both have, one its own
+            conn.execute(f"INSERT INTO cells (run_id, attack, created, {CELL_COLUMNS}) SELECT ?, ?, created + 100, "
+                         f"{CELL_COLUMNS} FROM cells WHERE run_id=? AND attack=?", (second, label, first, attack))
+        conn.commit()
+    kept = {c[1]: c for c in _rows(db, "cells") if c[0] == first}
+
+    store = Store(results)
+    assert [r["run_id"] for r in store.runs()] == [fresh]
+    cells = {c["attack"]: c["created"] for c in store.cells()}
+    store.close()
+    assert set(cells) == {"clean", "fgsm", "fgsm[eps=0.05]"} and {r[0] for r in _rows(db, "cells")} == {fresh}
+    assert all(cells[a] == kept[a][-1] for a in kept)  # the earlier run's cells, not the later copies
 
 
 # ----------------------------------------------------------------------------------------------------
