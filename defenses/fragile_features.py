@@ -23,7 +23,7 @@ from bench import layers, models
 from bench.api import Context, Defended, Defense, Param
 from bench.config import derived_seed
 from bench.projected_gradient import pgd
-from bench.train import PGDAdversarial, Schedule, TrainSpec, accuracy, autocast_factory, robust_accuracy, train
+from bench.train import PGDAdversarial, accuracy, autocast_factory, preset_spec, robust_accuracy, train
 
 EXTRA = Param((), "also train: logits (the last Linear), conv1 (the first conv)", kind=tuple, item=str,
               choices=("logits", "conv1"))
@@ -99,9 +99,7 @@ class _BNAdversarialTraining(Defense):
                                                   generator=ctx.generator(f"{self.name}:val-pgd"))}
 
         def run() -> dict:
-            spec = TrainSpec(p.epochs, p.lr, batch_size=pre.batch_size, schedule=Schedule(pre.schedule),
-                             momentum=pre.momentum, weight_decay=pre.weight_decay, crop_pad=pre.crop_pad,
-                             flip=pre.flip, select="val_robust")
+            spec = preset_spec(pre, epochs=p.epochs, lr=p.lr, select="val_robust")
             objective = PGDAdversarial(pre.eps, pre.alpha, pre.pgd_steps, ctx.generator(f"{self.name}:attack"))
             res = train(model, ctx.data.train, objective, spec, device=ctx.device, precision=ctx.precision,
                         generator=ctx.generator(f"{self.name}:data"), trainable=trainable, evaluate=evaluate,

@@ -25,7 +25,7 @@ from bench import layers, models
 from bench.api import Context, Defended, Defense, Param
 from bench.config import derived_seed
 from bench.projected_gradient import pgd
-from bench.train import TRADES, Objective, Schedule, TrainSpec, trades_attack, train
+from bench.train import TRADES, Objective, preset_spec, trades_attack, train
 
 
 class NormShapedModel(nn.Module):
@@ -116,9 +116,7 @@ class NormShaping(Defense):
         net = models.build(ctx.arch, ctx.data.spec).to(ctx.device)
 
         def run() -> dict:
-            spec = TrainSpec(p.epochs, p.lr, batch_size=pre.batch_size, schedule=Schedule(pre.schedule),
-                             momentum=pre.momentum, weight_decay=pre.weight_decay, crop_pad=pre.crop_pad,
-                             flip=pre.flip, select="last")
+            spec = preset_spec(pre, epochs=p.epochs, lr=p.lr, select="last")
             objective = NormShapingObjective(pre.eps, pre.alpha, pre.pgd_steps, p.train_ratio, p.base_loss,
                                              ctx.generator("norm_shaping:attack"))
             res = train(net, ctx.data.train, objective, spec, device=ctx.device, precision=ctx.precision,
