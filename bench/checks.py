@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench import registry, state
+from bench import registry, state, stats
 from bench.projected_gradient import pgd
 from bench.stats import mcnemar
 
@@ -220,17 +220,14 @@ def blackbox_whitebox(by_name: dict[str, dict]) -> CheckResult:
 
 
 def worst_case(clean: np.ndarray | None, cells: list[dict]) -> CheckResult:
-    threats: dict[str, list[dict]] = {}
-    for c in cells:
-        threats.setdefault(c["threat"], []).append(c)
+    """`cells`: one protocol's."""
+    threats = list(dict.fromkeys(c["threat"] for c in cells))
     if clean is None or not threats:
         return CheckResult("worst_case", "skip", "no attack cells")
     details, ok = [], True
-    for threat, group in threats.items():
-        flags = clean.copy()
-        for c in group:
-            flags &= c["flags"]
-        worst, floor = float(flags.mean()), min(_acc(c) for c in group)
+    for threat in threats:
+        flags = stats.worst_case(clean, cells, threat)
+        worst, floor = float(flags.mean()), min(_acc(c) for c in cells if c["threat"] == threat)
         ok &= worst <= floor + 1e-12
         details.append(f"{threat}: worst {worst:.2%} <= min {floor:.2%}")
     return CheckResult("worst_case", "pass" if ok else "fail", "; ".join(details))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench import checkpoints, checks, config as config_mod, data as data_mod, registry
@@ -24,6 +23,7 @@ from bench.api import Attack, Context, Defended, Defense, resolve_params
 from bench.config import AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason
 from bench.evaluate import CellResult, attack_cell, clean_cell
+from bench.stats import worst_case
 from bench.store import DB_NAME, Store
 from bench.train import resolve_precision
 
@@ -536,15 +536,12 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
     if clean is not None:
         rows.append({"attack": CLEAN, "protocol": NO_PROTOCOL, "threat": "-", "n": clean["n"],
                      "accuracy": clean["correct"] / clean["n"], "seconds": clean["seconds"]})
-    worst: dict[tuple[str, str], np.ndarray] = {}
-    for (label, protocol), c in cells.items():
-        if label == CLEAN or label not in labels:
-            continue
-        rows.append({"attack": label, "protocol": protocol, "threat": c["threat"], "n": c["n"],
+    attacked = [c for (label, _), c in cells.items() if label != CLEAN and label in labels]
+    for c in attacked:
+        rows.append({"attack": c["attack"], "protocol": c["protocol"], "threat": c["threat"], "n": c["n"],
                      "accuracy": c["correct"] / c["n"], "seconds": c["seconds"]})
-        key = (c["threat"], protocol)
-        base = worst.get(key, clean["flags"] if clean is not None else np.ones(c["n"], bool))
-        worst[key] = base & c["flags"]
+    worst = {key: worst_case(clean["flags"] if clean is not None else None, attacked, *key)
+             for key in dict.fromkeys((c["threat"], c["protocol"]) for c in attacked)}
     for r in absent:
         rows.append({"attack": r["attack"], "protocol": r["protocol"], "threat": r["threat"], "n": 0,
                      "accuracy": float("nan"), "seconds": float("nan"),

@@ -13,7 +13,7 @@ from bench import checks, data, models, train
 from bench.api import Defended, resolve_params
 from bench.evaluate import attack_cell
 from bench.registry import load
-from bench.stats import mcnemar, mean_std, wilson
+from bench.stats import mcnemar, mean_std, wilson, worst_case
 from conftest import PLUGINS, bench_subprocess, make_distribution
 
 DEVICE = torch.device("cpu")
@@ -189,6 +189,21 @@ def test_worst_case_consistency():
     assert checks.worst_case(clean, [a, b]).status == "pass"
     corrupt = dict(b, correct=3)  # a stored count that disagrees with the stored flags
     assert checks.worst_case(clean, [a, corrupt]).status == "fail"
+
+
+def test_worst_case_is_clean_and_every_attack_of_the_threat_model():
+    clean = np.array([1, 1, 1, 1, 0], bool)
+    cells = [dict(_cell("pgd10", [1, 0, 1, 1, 1]), protocol="adaptive"),
+             dict(_cell("fgsm", [1, 1, 0, 1, 1]), protocol="adaptive"),
+             dict(_cell("pgd10", [0, 1, 1, 1, 1]), protocol="paper"),
+             dict(_cell("pgd10[eps=0.2]", [1, 1, 1, 0, 1], threat="Linf eps=0.2"), protocol="adaptive")]
+    assert worst_case(clean, cells, "Linf eps=0.1", "adaptive").tolist() == [1, 0, 0, 1, 0]
+    assert worst_case(clean, cells, "Linf eps=0.1", "paper").tolist() == [0, 1, 1, 1, 0]
+    assert worst_case(clean, cells, "Linf eps=0.1").tolist() == [0, 0, 0, 1, 0]  # both protocols
+    assert worst_case(clean, cells, "Linf eps=0.2", "adaptive").tolist() == [1, 1, 1, 0, 0]
+    assert worst_case(None, cells, "Linf eps=0.2", "adaptive").tolist() == [1, 1, 1, 0, 1]  # attacks alone
+    assert worst_case(clean, cells, "L2 eps=0.5") is None
+    assert clean.tolist() == [1, 1, 1, 1, 0]  # the inputs are not changed in place
 
 
 def test_protocol_gap_marks_the_paper_number_overestimated():
