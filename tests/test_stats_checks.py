@@ -90,8 +90,15 @@ def test_determinism_flags_undeclared_randomness(net):
     model, x, _ = net
     assert checks.determinism(model, x, declared=False).status == "pass"
     noisy = checks.determinism(Noisy(model), x, declared=False)
-    assert noisy.status == "warn" and "treated as randomized" in noisy.detail
-    assert checks.determinism(Noisy(model), x, declared=True).status == "pass"
+    assert noisy.status == "warn" and "treated as randomized" in noisy.detail and noisy.found_randomness
+    declared = checks.determinism(Noisy(model), x, declared=True)
+    assert declared.status == "pass" and not declared.found_randomness
+    identical = checks.determinism(model, x, declared=True)  # a warning that finds no randomness
+    assert identical.status == "warn" and not identical.found_randomness
+    # a resumed run reads its probes back from the checks table: the finding survives the round trip
+    for result in (noisy, declared, identical):
+        row = dict(zip(("name", "status", "detail", "flag"), result.row()))
+        assert checks.CheckResult.from_row(row) == result
 
 
 def test_batch_dependence_must_be_declared(net):
@@ -260,6 +267,14 @@ def test_undeclared_randomness_switches_to_randomized_evaluation(plugin_env, out
     assert run["randomized"] == 1
     cells = {c["attack"]: c for c in Store(out_dir, create=False).cells()}
     assert cells["clean"]["extra"]["repeats"] == 10 and "acc_std" in cells["pgd10"]["extra"]
+    # resumed with one more attack: the stored probes are reused, and say the defense is randomized
+    res = bench_subprocess("run", "--preset", "smoke", "--defense", "toy_random", "--attacks", "pgd10,fgsm",
+                           "--set", "n_test=32", "--out", out_dir, "--quiet", env=plugin_env)
+    assert res.returncode == 0, res.stderr
+    (run,) = Store(out_dir, create=False).runs()
+    assert run["randomized"] == 1
+    cells = {c["attack"]: c for c in Store(out_dir, create=False).cells()}
+    assert "acc_std" in cells["fgsm"]["extra"]
 
 
 def test_seeds_repeat_the_cell_and_report_mean_and_std(bench, out_dir, tmp_path):
