@@ -12,7 +12,7 @@ plugin" is the contract in prose.
 - Layers: `bn_modules`, `weight_modules`, `module_at`, `module_kind`, `own_parameters`,
   `batch_statistics`, `interpolate_weights`; `build_model` for a fresh network of the run's architecture.
 - Training: `train`, `TrainSpec`, `Schedule`, `Objective`, `Clean`, `PGDAdversarial`, `TRADES`,
-  `trades_attack`, `finetune_spec`, `accuracy`, `robust_accuracy`, `autocast_factory`, `derived_seed`.
+  `trades_attack`, `preset_spec`, `finetune_spec`, `accuracy`, `robust_accuracy`, `autocast_factory`, `derived_seed`.
 - Reports: `delta_text`, `line_figure`, `bar_figure`, `density_figure`, `embed_figure`.
 
 This module only gathers names: it sits at the top of the core, and no module of `bench` imports it.
@@ -34,7 +34,7 @@ from bench.params import Param
 from bench.projected_gradient import best_of, ce_loss, cw_loss, pgd, project
 from bench.state import FixedModes, preserved
 from bench.train import (TRADES, Clean, Objective, PGDAdversarial, Schedule, TrainSpec, accuracy, autocast_factory,
-                         finetune_spec, robust_accuracy, trades_attack, train)
+                         finetune_spec, preset_spec, robust_accuracy, trades_attack, train)
 
 __all__ = [
     # the contract
@@ -48,7 +48,7 @@ __all__ = [
     "own_parameters", "weight_modules",
     # training
     "Clean", "Objective", "PGDAdversarial", "Schedule", "TRADES", "TrainSpec", "accuracy", "autocast_factory",
-    "derived_seed", "finetune_spec", "robust_accuracy", "trades_attack", "train",
+    "derived_seed", "finetune_spec", "preset_spec", "robust_accuracy", "trades_attack", "train",
     # reports
     "bar_figure", "delta_text", "density_figure", "embed_figure", "line_figure",
 ]

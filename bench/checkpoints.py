@@ -33,7 +33,7 @@ from bench import models
 from bench.config import derived_seed, stable_hash, to_json
 from bench.errors import BenchError
 from bench.train import (Clean, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy, autocast_factory, fgsm_rs,
-                         robust_accuracy, train)
+                         preset_spec, robust_accuracy, train)
 
 RECIPES = ("standard", "pgd_at", "trades", "fgsm_rs")
 
@@ -199,21 +199,18 @@ def recipe_plan(recipe: str, ctx) -> tuple[Any, TrainSpec, str]:
     p = ctx.preset
     eps, alpha = p.eps, p.alpha
     gen = ctx.generator(f"base:{recipe}:attack")
-    aug = dict(crop_pad=p.crop_pad, flip=p.flip, batch_size=p.batch_size, momentum=p.momentum,
-               weight_decay=p.weight_decay)
-    schedule = Schedule(p.schedule)
     if recipe == "standard":
-        return Clean(), TrainSpec(p.epochs_standard, p.lr, schedule=schedule, select="val_clean", **aug), "val_clean"
+        return Clean(), preset_spec(p, epochs=p.epochs_standard, lr=p.lr, select="val_clean"), "val_clean"
     if recipe == "pgd_at":
         obj = PGDAdversarial(eps, alpha, p.pgd_steps, gen)
-        return obj, TrainSpec(p.epochs_pgd_at, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
+        return obj, preset_spec(p, epochs=p.epochs_pgd_at, lr=p.lr, select="val_robust"), "val_robust"
     if recipe == "trades":
         obj = TRADES(eps, TRADES.step_for(eps), p.pgd_steps, 6.0, gen)
-        return obj, TrainSpec(p.epochs_trades, p.lr, schedule=schedule, select="val_robust", **aug), "val_robust"
+        return obj, preset_spec(p, epochs=p.epochs_trades, lr=p.lr, select="val_robust"), "val_robust"
     if recipe == "fgsm_rs":
         obj = fgsm_rs(eps, gen)
-        return obj, TrainSpec(p.epochs_fgsm_rs, p.lr_fgsm_rs, schedule=Schedule("cyclic"),
-                              select="val_robust", **aug), "val_robust"
+        return obj, preset_spec(p, epochs=p.epochs_fgsm_rs, lr=p.lr_fgsm_rs, select="val_robust",
+                                schedule=Schedule("cyclic")), "val_robust"
     raise BenchError(f"unknown base recipe '{recipe}'; choose from: {', '.join(RECIPES)}")
 
 

@@ -25,12 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench import registry, state
+from bench import registry, state, stats
 from bench.projected_gradient import pgd
 from bench.stats import mcnemar
 
 ORDER = ["state_preserved", "budget", "determinism", "batch_dependence", "gradient_health", "large_eps",
          "budget_monotonicity", "blackbox_whitebox", "worst_case", "protocol_gap"]
+
+
+UNDECLARED_RANDOMNESS = "⚠ undeclared randomness"
 
 
 @dataclass
@@ -39,9 +42,19 @@ class CheckResult:
     status: str  # pass | warn | fail | skip
     detail: str
     flag: str = ""  # what the leaderboard prints when the status is warn/fail
+    # determinism only: two forwards differ though the defense does not declare randomized=True, so it is
+    # attacked as randomized from then on (EOT attacks, repeated verdicts)
+    found_randomness: bool = False
 
     def row(self) -> tuple[str, str, str, str]:
         return self.name, self.status, self.detail, self.flag
+
+    @classmethod
+    def from_row(cls, row: dict) -> CheckResult:
+        """A stored check (`row()`'s columns). The checks table has no column of its own for
+        `found_randomness`: the determinism check's flag says it."""
+        return cls(row["name"], row["status"], row["detail"], row["flag"],
+                   found_randomness=row["name"] == "determinism" and row["flag"] == UNDECLARED_RANDOMNESS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,7 +75,7 @@ def determinism(model: torch.nn.Module, x: torch.Tensor, declared: bool) -> Chec
         return CheckResult("determinism", "pass", f"randomized as declared (max |logit difference| {gap:.3g})")
     return CheckResult("determinism", "warn", f"two forwards of one batch differ (max |logit difference| "
                        f"{gap:.3g}) but the defense does not declare randomized=True: treated as randomized "
-                       f"(EOT attacks, repeated verdicts)", "⚠ undeclared randomness")
+                       f"(EOT attacks, repeated verdicts)", UNDECLARED_RANDOMNESS, found_randomness=True)
 
 
 @torch.no_grad()
@@ -123,10 +136,10 @@ PROBES = ("determinism", "batch_dependence", "gradient_health", "large_eps")
 
 
 def probe(defended, x: torch.Tensor, y: torch.Tensor, eps: float, generator=None) -> list[CheckResult]:
-    """Checks 3-6 on one batch of the defended model (the adaptive target)."""
+    """Checks 3-6 on one batch of the defended model (the adaptive target), in PROBES order."""
     model = defended.model
     out = [determinism(model, x, defended.randomized)]
-    randomized = defended.randomized or out[0].status == "warn" and "treated as randomized" in out[0].detail
+    randomized = defended.randomized or out[0].found_randomness
     out.append(batch_dependence(model, x, defended.batch_dependent, randomized))
     out.append(gradient_health(model, x, y))
     out.append(large_eps(model, x, y, eps, generator))
@@ -220,17 +233,14 @@ def blackbox_whitebox(by_name: dict[str, dict]) -> CheckResult:
 
 
 def worst_case(clean: np.ndarray | None, cells: list[dict]) -> CheckResult:
-    threats: dict[str, list[dict]] = {}
-    for c in cells:
-        threats.setdefault(c["threat"], []).append(c)
+    """`cells`: one protocol's."""
+    threats = list(dict.fromkeys(c["threat"] for c in cells))
     if clean is None or not threats:
         return CheckResult("worst_case", "skip", "no attack cells")
     details, ok = [], True
-    for threat, group in threats.items():
-        flags = clean.copy()
-        for c in group:
-            flags &= c["flags"]
-        worst, floor = float(flags.mean()), min(_acc(c) for c in group)
+    for threat in threats:
+        flags = stats.worst_case(clean, cells, threat)
+        worst, floor = float(flags.mean()), min(_acc(c) for c in cells if c["threat"] == threat)
         ok &= worst <= floor + 1e-12
         details.append(f"{threat}: worst {worst:.2%} <= min {floor:.2%}")
     return CheckResult("worst_case", "pass" if ok else "fail", "; ".join(details))

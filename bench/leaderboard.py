@@ -22,7 +22,7 @@ import pandas as pd
 
 from bench import registry
 from bench.errors import BenchError, check_safe_name, os_reason
-from bench.stats import intervals_overlap, mcnemar, mean_std, wilson
+from bench.stats import intervals_overlap, mcnemar, mean_std, wilson, worst_case
 from bench.store import Store, check_writable
 
 BASE_DEFENSE = "pgd_at"
@@ -69,15 +69,8 @@ class Config:
     def _flags(r: Run, label: str, protocol: str):
         if label == CLEAN:
             return r.clean
-        if label.startswith("worst:"):
-            threat = label[len("worst:"):]
-            cells = [c for (lab, p), c in r.cells.items() if p == protocol and c["threat"] == threat]
-            if not cells or r.clean is None:
-                return None
-            flags = r.clean.copy()
-            for c in cells:
-                flags &= c["flags"]
-            return flags
+        if label.startswith("worst:"):  # never over the attacks alone: a worst case includes clean errors
+            return None if r.clean is None else worst_case(r.clean, r.cells.values(), label[len("worst:"):], protocol)
         cell = r.cells.get((label, protocol))
         return cell["flags"] if cell is not None else None
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench import checkpoints, checks, config as config_mod, data as data_mod, models, registry
@@ -26,6 +25,7 @@ from bench.params import resolve_params
 from bench.config import AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason, unknown
 from bench.evaluate import CellResult, attack_cell, clean_cell
+from bench.stats import worst_case
 from bench.store import DB_NAME, Store, check_writable
 from bench.train import resolve_precision
 
@@ -378,23 +378,36 @@ def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:
     return defended, time.perf_counter() - start
 
 
+def _build_and_probe(prep: Prepared, ctx: Context, n: int, stored: list[checks.CheckResult] | None = None
+                     ) -> tuple[Defended, float, list[checks.CheckResult]]:
+    """Build the defense and take checks 3-6 on the first `n` test images (none when n is 0), or reuse
+    `stored`, a resumed run's probes taken on this same model and batch (on a large batch-dependent
+    composition they cost minutes, as much as an attack). They come before any attack because they can
+    change how it is attacked: a defense found randomized is attacked as randomized."""
+    defended, seconds = _build(prep, ctx)
+    if stored is not None:
+        probes = stored
+    elif n:
+        first = prep.data.test.subset(slice(0, n))
+        probes = checks.probe(defended, first.x.to(prep.device), first.y.to(prep.device), prep.config.preset.eps,
+                              ctx.generator("checks:large-eps"))
+    else:
+        probes = []
+    if any(c.found_randomness for c in probes):
+        defended.randomized = True
+    return defended, seconds, probes
+
+
 def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool,
               failures: list[Failure]) -> None:
     cfg = prep.config
     ctx = _context(prep, quiet)
-    probes, stored = [], {c["name"]: c for c in store.checks(run_id)}
+    stored = {c["name"]: c for c in store.checks(run_id)}
     reuse = cfg.checks and all(name in stored for name in checks.PROBES)
     try:
-        defended, build_seconds = _build(prep, ctx)
-        if reuse:
-            # a resumed run: its probes were taken on this same model and batch (on a large batch-dependent
-            # composition they cost minutes, as much as an attack)
-            probes = [checks.CheckResult(name, stored[name]["status"], stored[name]["detail"],
-                                         stored[name]["flag"]) for name in checks.PROBES]
-        elif cfg.checks:  # checks 3-6 on the first batch, before any attack: they can change how it is attacked
-            x0, y0 = next(prep.data.test.batches(cfg.preset.eval_batch_size))
-            probes = checks.probe(defended, x0.to(prep.device), y0.to(prep.device), cfg.preset.eps,
-                                  ctx.generator("checks:large-eps"))
+        defended, build_seconds, probes = _build_and_probe(
+            prep, ctx, cfg.preset.eval_batch_size if cfg.checks else 0,
+            [checks.CheckResult.from_row(stored[name]) for name in checks.PROBES] if reuse else None)
     except Exception as exc:  # (a fault of the environment or the user still ends the command)
         if not _plugin_fault(exc):
             raise
@@ -402,12 +415,9 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         _failed(store, prep, failures, "defense", cfg.defense, BUILD, NO_PROTOCOL, exc)
         return
     store.clear_failure(run_id, BUILD, NO_PROTOCOL)
-    if probes:
-        if probes[0].flag == "⚠ undeclared randomness":
-            defended.randomized = True
-        for c in probes:
-            if c.status in ("warn", "fail"):
-                log.warning("check %s: %s: %s", c.name, c.status, c.detail)
+    for c in probes:
+        if c.status in ("warn", "fail"):
+            log.warning("check %s: %s: %s", c.name, c.status, c.detail)
     store.put_run({
         "run_id": run_id, "defense": cfg.defense, "params": dict(cfg.params), "preset": cfg.preset.name,
         "dataset": cfg.dataset, "arch": cfg.arch, "seed": cfg.seed, "precision": cfg.precision,
@@ -473,17 +483,14 @@ def check(prep: Prepared, n: int, quiet: bool = False) -> list[checks.CheckResul
     cfg = prep.config
     ctx = _context(prep, quiet)
     try:
-        defended, _ = _build(prep, ctx)
+        defended, _, results = _build_and_probe(prep, ctx, n)
     except Exception as exc:
         if not _plugin_fault(exc):
             raise
+        # as in `bench run`: the defense plugin (or its model, probed) raised
         raise PluginFailed(Failure(registry.who("defense", cfg.defense), BUILD, NO_PROTOCOL,
                                    registry.one_line(exc))) from exc
     subset = prep.data.test.subset(slice(0, n))
-    x0, y0 = subset.x.to(prep.device), subset.y.to(prep.device)
-    results = checks.probe(defended, x0, y0, cfg.preset.eps, ctx.generator("checks:large-eps"))
-    if results[0].flag == "⚠ undeclared randomness":
-        defended.randomized = True
     cells = {}
     for spec, _ in prep.attacks:
         name = spec.name
@@ -512,15 +519,12 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
     if clean is not None:
         rows.append({"attack": CLEAN, "protocol": NO_PROTOCOL, "threat": "-", "n": clean["n"],
                      "accuracy": clean["correct"] / clean["n"], "seconds": clean["seconds"]})
-    worst: dict[tuple[str, str], np.ndarray] = {}
-    for (label, protocol), c in cells.items():
-        if label == CLEAN or label not in labels:
-            continue
-        rows.append({"attack": label, "protocol": protocol, "threat": c["threat"], "n": c["n"],
+    attacked = [c for (label, _), c in cells.items() if label != CLEAN and label in labels]
+    for c in attacked:
+        rows.append({"attack": c["attack"], "protocol": c["protocol"], "threat": c["threat"], "n": c["n"],
                      "accuracy": c["correct"] / c["n"], "seconds": c["seconds"]})
-        key = (c["threat"], protocol)
-        base = worst.get(key, clean["flags"] if clean is not None else np.ones(c["n"], bool))
-        worst[key] = base & c["flags"]
+    worst = {key: worst_case(clean["flags"] if clean is not None else None, attacked, *key)
+             for key in dict.fromkeys((c["threat"], c["protocol"]) for c in attacked)}
     for r in absent:
         rows.append({"attack": r["attack"], "protocol": r["protocol"], "threat": r["threat"], "n": 0,
                      "accuracy": float("nan"), "seconds": float("nan"),

@@ -4,12 +4,14 @@
 - Exact (binomial) McNemar test for a paired difference: two defenses, or two attacks, on the same
   samples; only the discordant samples carry information.
 - mean +- std over seeds.
+- The worst case over a threat model's attacks, per sample.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -76,3 +78,18 @@ def mean_std(values) -> tuple[float, float]:
 
 def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
+
+
+def worst_case(clean: np.ndarray | None, cells: Iterable[dict], threat: str,
+               protocol: str | None = None) -> np.ndarray | None:
+    """Per-sample correctness in the worst case over a threat model: a sample counts as robust only when
+    it is classified right clean and under every attack cell (dict: threat, protocol, flags) of `threat`
+    (under `protocol`, when given). None when no cell is of that threat model; without `clean` (a run whose
+    clean cell is missing), over the attacks alone."""
+    attacked = [c["flags"] for c in cells if c["threat"] == threat and (protocol is None or c["protocol"] == protocol)]
+    if not attacked:
+        return None
+    flags = clean if clean is not None else True
+    for f in attacked:
+        flags = flags & f
+    return flags

@@ -195,12 +195,22 @@ class TrainSpec:
     select: str = "last"  # last | max of a metric returned by `evaluate` (e.g. "val_robust")
 
 
-def finetune_spec(preset, *, epochs: int, lr: float, batch_size: int = 128, select: str = "last") -> TrainSpec:
-    """RiFT step 4's optimiser, shared by every fine-tuning defense: SGD momentum 0.9, wd 5e-4,
-    lr x0.1 at half of the epochs (the code's MultiStepLR at epochs // 2), crop + flip."""
-    return TrainSpec(epochs=epochs, lr=lr, batch_size=batch_size, schedule=Schedule("step", milestones=(0.5,)),
+def preset_spec(preset, *, epochs: int, lr: float, select: str = "last", schedule: Schedule | None = None,
+                batch_size: int | None = None) -> TrainSpec:
+    """The spec of a recipe that trains for `epochs` at `lr`, keeping the `select` epoch: the preset's SGD
+    (momentum, weight decay) and augmentation (crop, flip), and its batch size and LR schedule unless the
+    recipe has its own."""
+    return TrainSpec(epochs=epochs, lr=lr, batch_size=preset.batch_size if batch_size is None else batch_size,
+                     schedule=Schedule(preset.schedule) if schedule is None else schedule,
                      momentum=preset.momentum, weight_decay=preset.weight_decay, crop_pad=preset.crop_pad,
                      flip=preset.flip, select=select)
+
+
+def finetune_spec(preset, *, epochs: int, lr: float, batch_size: int = 128, select: str = "last") -> TrainSpec:
+    """RiFT step 4's optimiser, shared by every fine-tuning defense: the preset's (SGD momentum 0.9, wd
+    5e-4, crop + flip) with lr x0.1 at half of the epochs (the code's MultiStepLR at epochs // 2)."""
+    return preset_spec(preset, epochs=epochs, lr=lr, select=select, batch_size=batch_size,
+                       schedule=Schedule("step", milestones=(0.5,)))
 
 
 @dataclass

@@ -19,9 +19,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from bench.api import (Context, Defended, Defense, PGDAdversarial, Param, Schedule, TrainSpec, accuracy,
-                       autocast_factory, bn_modules, build_model, derived_seed, pgd, robust_accuracy, train,
-                       weight_modules)
+from bench.api import (Context, Defended, Defense, PGDAdversarial, Param, accuracy, autocast_factory, bn_modules,
+                       build_model, derived_seed, pgd, preset_spec, robust_accuracy, train, weight_modules)
 
 
 EXTRA = Param((), "also train: logits (the last Linear), conv1 (the first conv)", kind=tuple, item=str,
@@ -98,9 +97,7 @@ class _BNAdversarialTraining(Defense):
                                                   generator=ctx.generator(f"{self.name}:val-pgd"))}
 
         def run() -> dict:
-            spec = TrainSpec(p.epochs, p.lr, batch_size=pre.batch_size, schedule=Schedule(pre.schedule),
-                             momentum=pre.momentum, weight_decay=pre.weight_decay, crop_pad=pre.crop_pad,
-                             flip=pre.flip, select="val_robust")
+            spec = preset_spec(pre, epochs=p.epochs, lr=p.lr, select="val_robust")
             objective = PGDAdversarial(pre.eps, pre.alpha, pre.pgd_steps, ctx.generator(f"{self.name}:attack"))
             res = train(model, ctx.data.train, objective, spec, device=ctx.device, precision=ctx.precision,
                         generator=ctx.generator(f"{self.name}:data"), trainable=trainable, evaluate=evaluate,

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.api import (Context, Defended, Defense, Objective, Param, Schedule, TRADES, TrainSpec, batch_statistics,
-                       build_model, derived_seed, pgd, trades_attack, train)
+from bench.api import (Context, Defended, Defense, Objective, Param, TRADES, batch_statistics, build_model,
+                       derived_seed, pgd, preset_spec, trades_attack, train)
 
 
 class NormShapedModel(nn.Module):
@@ -113,9 +113,7 @@ class NormShaping(Defense):
         net = build_model(ctx.arch, ctx.data.spec).to(ctx.device)
 
         def run() -> dict:
-            spec = TrainSpec(p.epochs, p.lr, batch_size=pre.batch_size, schedule=Schedule(pre.schedule),
-                             momentum=pre.momentum, weight_decay=pre.weight_decay, crop_pad=pre.crop_pad,
-                             flip=pre.flip, select="last")
+            spec = preset_spec(pre, epochs=p.epochs, lr=p.lr, select="last")
             objective = NormShapingObjective(pre.eps, pre.alpha, pre.pgd_steps, p.train_ratio, p.base_loss,
                                              ctx.generator("norm_shaping:attack"))
             res = train(net, ctx.data.train, objective, spec, device=ctx.device, precision=ctx.precision,

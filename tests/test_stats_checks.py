@@ -14,7 +14,7 @@ from bench.api import Defended
 from bench.params import resolve_params
 from bench.evaluate import attack_cell
 from bench.registry import load
-from bench.stats import mcnemar, mean_std, wilson
+from bench.stats import mcnemar, mean_std, wilson, worst_case
 from conftest import PLUGINS, bench_subprocess, make_distribution
 
 DEVICE = torch.device("cpu")
@@ -91,8 +91,15 @@ def test_determinism_flags_undeclared_randomness(net):
     model, x, _ = net
     assert checks.determinism(model, x, declared=False).status == "pass"
     noisy = checks.determinism(Noisy(model), x, declared=False)
-    assert noisy.status == "warn" and "treated as randomized" in noisy.detail
-    assert checks.determinism(Noisy(model), x, declared=True).status == "pass"
+    assert noisy.status == "warn" and "treated as randomized" in noisy.detail and noisy.found_randomness
+    declared = checks.determinism(Noisy(model), x, declared=True)
+    assert declared.status == "pass" and not declared.found_randomness
+    identical = checks.determinism(model, x, declared=True)  # a warning that finds no randomness
+    assert identical.status == "warn" and not identical.found_randomness
+    # a resumed run reads its probes back from the checks table: the finding survives the round trip
+    for result in (noisy, declared, identical):
+        row = dict(zip(("name", "status", "detail", "flag"), result.row()))
+        assert checks.CheckResult.from_row(row) == result
 
 
 def test_batch_dependence_must_be_declared(net):
@@ -192,6 +199,21 @@ def test_worst_case_consistency():
     assert checks.worst_case(clean, [a, corrupt]).status == "fail"
 
 
+def test_worst_case_is_clean_and_every_attack_of_the_threat_model():
+    clean = np.array([1, 1, 1, 1, 0], bool)
+    cells = [dict(_cell("pgd10", [1, 0, 1, 1, 1]), protocol="adaptive"),
+             dict(_cell("fgsm", [1, 1, 0, 1, 1]), protocol="adaptive"),
+             dict(_cell("pgd10", [0, 1, 1, 1, 1]), protocol="paper"),
+             dict(_cell("pgd10[eps=0.2]", [1, 1, 1, 0, 1], threat="Linf eps=0.2"), protocol="adaptive")]
+    assert worst_case(clean, cells, "Linf eps=0.1", "adaptive").tolist() == [1, 0, 0, 1, 0]
+    assert worst_case(clean, cells, "Linf eps=0.1", "paper").tolist() == [0, 1, 1, 1, 0]
+    assert worst_case(clean, cells, "Linf eps=0.1").tolist() == [0, 0, 0, 1, 0]  # both protocols
+    assert worst_case(clean, cells, "Linf eps=0.2", "adaptive").tolist() == [1, 1, 1, 0, 0]
+    assert worst_case(None, cells, "Linf eps=0.2", "adaptive").tolist() == [1, 1, 1, 0, 1]  # attacks alone
+    assert worst_case(clean, cells, "L2 eps=0.5") is None
+    assert clean.tolist() == [1, 1, 1, 1, 0]  # the inputs are not changed in place
+
+
 def test_protocol_gap_marks_the_paper_number_overestimated():
     adaptive = {"pgd10": _cell("pgd10", np.arange(1000) < 500)}
     paper = {"pgd10": _cell("pgd10", np.arange(1000) < 810)}
@@ -246,6 +268,14 @@ def test_undeclared_randomness_switches_to_randomized_evaluation(plugin_env, out
     assert run["randomized"] == 1
     cells = {c["attack"]: c for c in Store(out_dir, create=False).cells()}
     assert cells["clean"]["extra"]["repeats"] == 10 and "acc_std" in cells["pgd10"]["extra"]
+    # resumed with one more attack: the stored probes are reused, and say the defense is randomized
+    res = bench_subprocess("run", "--preset", "smoke", "--defense", "toy_random", "--attacks", "pgd10,fgsm",
+                           "--set", "n_test=32", "--out", out_dir, "--quiet", env=plugin_env)
+    assert res.returncode == 0, res.stderr
+    (run,) = Store(out_dir, create=False).runs()
+    assert run["randomized"] == 1
+    cells = {c["attack"]: c for c in Store(out_dir, create=False).cells()}
+    assert "acc_std" in cells["fgsm"]["extra"]
 
 
 def test_seeds_repeat_the_cell_and_report_mean_and_std(bench, out_dir, tmp_path):

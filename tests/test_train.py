@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -105,3 +106,111 @@ def test_precision_resolution():
     assert train.resolve_precision("auto", DEVICE) in ("bf16", "fp32")
     with pytest.raises(BenchError):
         train.resolve_precision("fp8", DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training spec of each recipe and defense, from its preset
+
+
+class _Captured(Exception):
+    pass
+
+
+def _presets():
+    """smoke, mini, and mini with every training field the specs read set apart from its default."""
+    from bench import config
+
+    smoke = config.concrete(config.get_preset("smoke"), data.DATASETS["digits"])
+    mini = config.concrete(config.get_preset("mini"), data.DATASETS["cifar10"])
+    odd = dataclasses.replace(mini, batch_size=96, schedule="step", momentum=0.8, weight_decay=1e-4, crop_pad=2,
+                              flip=False, lr=0.05, lr_fgsm_rs=0.3, epochs_standard=7, epochs_pgd_at=6,
+                              epochs_trades=5, epochs_fgsm_rs=3, ft_epochs=4, ft_lr=0.002)
+    return {"smoke": smoke, "mini": mini, "odd": odd}
+
+
+def _fake_ctx(preset):
+    from types import SimpleNamespace
+
+    spec_ = data.DATASETS["digits"]
+    model = fresh()
+    return SimpleNamespace(preset=preset, seed=0, arch="tiny_cnn", device=DEVICE, precision="fp32",
+                           data=SimpleNamespace(spec=spec_, train=None, val=SimpleNamespace(subset=lambda s: None)),
+                           base=lambda recipe: model, split=lambda name: None, progress=None,
+                           generator=lambda purpose: torch.Generator(),
+                           cached_model=lambda kind, identity, model, run: run())
+
+
+def _spec_of(monkeypatch, module, build) -> train.TrainSpec:
+    """The TrainSpec `build()` hands to `module.train` (which is stopped there)."""
+    def stop(model, split, objective, spec, **kw):
+        raise _Captured(spec)
+
+    monkeypatch.setattr(module, "train", stop)
+    for name in ("accuracy", "robust_accuracy"):  # per-epoch curves computed before training starts
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, **k: 0.0)
+    with pytest.raises(_Captured) as exc:
+        build()
+    return exc.value.args[0]
+
+
+def _defense(name, preset):
+    from bench import registry
+    from bench.params import resolve_params
+
+    cls = registry.load("defense", name)
+    return cls(**resolve_params(name, cls.PARAMS, {}, preset))
+
+
+@pytest.mark.parametrize("preset_name", ["smoke", "mini", "odd"])
+def test_every_training_spec_is_the_one_its_recipe_always_had(preset_name, monkeypatch):
+    """The specs as written out field by field before one function built them all: same values and types
+    (the base identity hashes them, so a changed type would retrain every cached base model)."""
+    import defenses.fragile_features as ff
+    import defenses.layer_finetune as lf
+    import defenses.norm_shaping as ns
+    import defenses.rift as rift
+    from bench import checkpoints
+
+    p = _presets()[preset_name]
+    ctx = _fake_ctx(p)
+    TrainSpec, Schedule = train.TrainSpec, train.Schedule
+    aug = dict(crop_pad=p.crop_pad, flip=p.flip, batch_size=p.batch_size, momentum=p.momentum,
+               weight_decay=p.weight_decay)
+    old_base = {
+        "standard": TrainSpec(p.epochs_standard, p.lr, schedule=Schedule(p.schedule), select="val_clean", **aug),
+        "pgd_at": TrainSpec(p.epochs_pgd_at, p.lr, schedule=Schedule(p.schedule), select="val_robust", **aug),
+        "trades": TrainSpec(p.epochs_trades, p.lr, schedule=Schedule(p.schedule), select="val_robust", **aug),
+        "fgsm_rs": TrainSpec(p.epochs_fgsm_rs, p.lr_fgsm_rs, schedule=Schedule("cyclic"), select="val_robust",
+                             **aug),
+    }
+    for recipe, old in old_base.items():
+        assert repr(checkpoints.recipe_plan(recipe, ctx)[1]) == repr(old), recipe
+
+    def old_finetune(params, select):
+        return TrainSpec(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
+                         schedule=Schedule("step", milestones=(0.5,)), momentum=p.momentum,
+                         weight_decay=p.weight_decay, crop_pad=p.crop_pad, flip=p.flip, select=select)
+
+    for name in ("rift", "rift_bn"):
+        d = _defense(name, p)
+        model = fresh()
+        got = _spec_of(monkeypatch, rift, lambda: d.finetune(ctx, model, ["conv1"], None))
+        assert repr(got) == repr(old_finetune(d.params, "sel_clean")), name
+    for name in ("ft_bn", "ft_conv", "ft_full"):
+        for keep, select in (("last", "last"), ("best_clean", "clean")):
+            d = _defense(name, p)
+            d.params.keep = keep
+            got = _spec_of(monkeypatch, lf, lambda: d.build(ctx))
+            assert repr(got) == repr(old_finetune(d.params, select)), (name, keep)
+
+    def old_own(params, select):
+        return TrainSpec(params.epochs, params.lr, batch_size=p.batch_size, schedule=Schedule(p.schedule),
+                         momentum=p.momentum, weight_decay=p.weight_decay, crop_pad=p.crop_pad, flip=p.flip,
+                         select=select)
+
+    for name, module, select in (("bn_params", ff, "val_robust"), ("adv_bn_only", ff, "val_robust"),
+                                 ("norm_shaping", ns, "last")):
+        d = _defense(name, p)
+        got = _spec_of(monkeypatch, module, lambda: d.build(ctx))
+        assert repr(got) == repr(old_own(d.params, select)), name
