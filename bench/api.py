@@ -293,7 +293,7 @@ class Attack(_Plugin):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_declarations(cls)
+        _validate_declarations(cls)
         value = cls.__dict__.get("eps")
         if value is not None and not isinstance(value, property):
             # A plain class attribute would hide the property below: it becomes the default of the
@@ -330,7 +330,7 @@ class Attack(_Plugin):
                              f"assign `self.eps` in __init__, or declare PARAMS['eps']")
         else:
             self.eps = self.params["eps"]  # the setter's check
-        self.check()
+        self.validate_params()
 
     @property
     def threat(self) -> str:
@@ -364,8 +364,12 @@ class Attack(_Plugin):
     seed = 0
     generator: torch.Generator | None = None
 
-    def check(self) -> None:
+    def validate_params(self) -> None:
         """Raise BenchError for parameter combinations the declarations cannot express."""
+        self.check()
+
+    def check(self) -> None:
+        """The former name of `validate_params`: a plugin that overrides it is still called."""
 
     def validate(self, spec) -> None:
         """Raise BenchError if the attack cannot run on this dataset (e.g. more target classes than the
@@ -399,7 +403,7 @@ class Attack(_Plugin):
 ACCESS = ("", "white-box", "black-box")
 
 
-def _check_declarations(cls: type) -> None:
+def _validate_declarations(cls: type) -> None:
     """A misspelt declaration would silently keep an attack out of the checks: refuse it when the class is
     defined (the registry then reports the plugin as broken, naming the reason)."""
     if isinstance(cls.stronger_than, str):  # a single name needs no tuple
@@ -485,9 +489,9 @@ class ReportContext:
         return out
 
     def figure(self, name: str) -> Path:
-        from bench.errors import check_safe_name
+        from bench.errors import require_safe_name
 
-        path = self.dest / f"{self.stem}-{check_safe_name(name, 'figure name')}.png"
+        path = self.dest / f"{self.stem}-{require_safe_name(name, 'figure name')}.png"
         self.figures.append(path)
         return path
 

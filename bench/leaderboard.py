@@ -393,17 +393,17 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
 
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
-    from bench.errors import BenchError, check_safe_name, os_reason
-    from bench.runner import check_writable
+    from bench.errors import BenchError, os_reason, require_safe_name
+    from bench.runner import require_writable
 
     if fmt not in ("md", "csv", "json"):
         raise BenchError(f"format must be md, csv or json, got '{fmt}'")
-    dest = check_writable(dest, "--dest", writes=())
+    dest = require_writable(dest, "--dest", writes=())
     groups: dict[tuple, list[Config]] = defaultdict(list)
     for cfg in load(store):
         run = cfg.runs[0].run
         # file names are made of these: a hostile database must not name a path outside dest
-        key = tuple(check_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
+        key = tuple(require_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
         groups[key].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")

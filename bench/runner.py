@@ -121,7 +121,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
+def require_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
     """Fail early, before any work, on an output directory that cannot take what the command writes:
     the directory itself (without creating it: a command that stops on a later mistake, a sweep's second
     job say, must leave no empty folder behind), and `writes`, the files and folders under it that
@@ -209,7 +209,7 @@ def prepare(req: Request) -> Prepared:
         raise unknown("architecture", arch, models.ARCHS)
     device = resolve_device(req.device)
     precision = resolve_precision(req.precision, device)
-    config_mod.check_seed(req.seed)
+    config_mod.validate_seed(req.seed)
 
     params = resolve_params(f"defense '{req.defense}'", defense_cls.PARAMS, req.params, preset)
     defense = defense_cls(**params)
@@ -227,7 +227,7 @@ def prepare(req: Request) -> Prepared:
         labels.add(spec.label)
         attacks.append((spec, attack))
 
-    out = check_writable(req.out)
+    out = require_writable(req.out)
     data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
                       preset.n_test)
     bases = []

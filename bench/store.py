@@ -138,7 +138,7 @@ class Store:
             problem = " ".join(problem.replace("*** in database main ***", "").split())
             raise BenchError(f"results database {self.path} is corrupt ({problem}); nothing was written to it. "
                              f"Move it away (`sqlite3 {self.path} .recover` may save its intact rows)")
-        if not self._check_schema():
+        if not self._validate_schema():
             if writing:  # a write that is rolled back: fails now on a read-only file, directory or disk
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -150,7 +150,7 @@ class Store:
             return  # a reader may not upgrade a read-only older database: it reads it as it is
         with self.conn:  # upgrade; re-checked under the write lock against a concurrent bench
             self.conn.execute("BEGIN IMMEDIATE")
-            if self._check_schema():
+            if self._validate_schema():
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
@@ -163,7 +163,7 @@ class Store:
                 self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def _check_schema(self) -> bool:
+    def _validate_schema(self) -> bool:
         """Raise unless this is a bnbench database this code can read; True if it needs an upgrade."""
         where = f"results database {self.path}"
         app = self.conn.execute("PRAGMA application_id").fetchone()[0]
