@@ -136,7 +136,7 @@ def _seeds(opts: dict) -> list[int | None]:
         raise BenchError(f"--seeds expects comma-separated integers, got '{opts['seeds']}'") from None
     if not seeds:
         raise BenchError(f"--seeds expects comma-separated integers, got '{opts['seeds']}'")
-    return list(dict.fromkeys(config_mod.check_seed(s, "each of --seeds") for s in seeds))
+    return list(dict.fromkeys(config_mod.validate_seed(s, "each of --seeds") for s in seeds))
 
 
 def request_from(opts: dict):
@@ -150,14 +150,14 @@ def request_from(opts: dict):
             raise BenchError("--config must not be empty")
         path = opts["config_file"]
         conf = config_mod.read_toml(path)
-        config_mod.check_toml_keys(conf, path)
+        config_mod.validate_toml_keys(conf, path)
         for name, value in config_mod.toml_settings(conf).items():
             setattr(req, name, value)
     for s in config_mod.SETTINGS:
         given, value = s.option_value(opts.get(s.name))
         if given:
             setattr(req, s.name, config_mod.merge_setting(getattr(req, s.name), value))
-    config_mod.check_seed(req.seed)
+    config_mod.validate_seed(req.seed)
     return req
 
 

@@ -280,7 +280,7 @@ def read_toml(path: str | Path) -> dict:
 MAX_SEED = 2**63 - 1  # seeds are stored as SQLite integers (signed 64-bit)
 
 
-def check_seed(value: Any, what: str = "seed") -> int:
+def validate_seed(value: Any, what: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise BenchError(f"{what} must be an integer in 0..2**63-1, got {value!r}")
     return value
@@ -491,7 +491,7 @@ def merge_setting(old: Any, new: Any) -> Any:
     return out
 
 
-def check_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:
+def validate_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:
     """Every key known and of its declared type: a wrong value is one clear error, never a crash later."""
     for key, value in table.items():
         if key not in kinds:
@@ -503,5 +503,5 @@ def check_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:
                              f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
 
 
-def check_toml_keys(conf: dict, path: str) -> None:
-    check_toml(conf, TOML_KEYS, f"config file {path}")
+def validate_toml_keys(conf: dict, path: str) -> None:
+    validate_toml(conf, TOML_KEYS, f"config file {path}")

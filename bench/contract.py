@@ -123,7 +123,7 @@ class Attack(_Plugin):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_declarations(cls)
+        _validate_declarations(cls)
         value = cls.__dict__.get("eps")
         if value is not None and not isinstance(value, property):
             # A plain class attribute would hide the property below: it becomes the default of the
@@ -161,7 +161,7 @@ class Attack(_Plugin):
                              f"assign `self.eps` in __init__, or declare PARAMS['eps']")
         else:
             self.eps = self.params["eps"]  # the setter's check
-        self.check()
+        self.validate_params()
 
     @property
     def threat(self) -> str:
@@ -194,8 +194,12 @@ class Attack(_Plugin):
     seed = 0
     generator: torch.Generator | None = None
 
-    def check(self) -> None:
+    def validate_params(self) -> None:
         """Raise BenchError for parameter combinations the declarations cannot express."""
+        self.check()
+
+    def check(self) -> None:
+        """The former name of `validate_params`: a plugin that overrides it is still called."""
 
     def validate(self, spec) -> None:
         """Raise BenchError if the attack cannot run on this dataset (e.g. more target classes than the
@@ -227,7 +231,7 @@ class Attack(_Plugin):
 ACCESS = ("", "white-box", "black-box")
 
 
-def _check_declarations(cls: type) -> None:
+def _validate_declarations(cls: type) -> None:
     """A misspelt declaration would silently keep an attack out of the checks: refuse it when the class is
     defined (the registry then reports the plugin as broken, naming the reason)."""
     if isinstance(cls.stronger_than, str):  # a single name needs no tuple

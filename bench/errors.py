@@ -38,7 +38,7 @@ def os_reason(exc: OSError) -> str:
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
-def check_safe_name(value: object, what: str) -> str:
+def require_safe_name(value: object, what: str) -> str:
     """`value` as a file-name part: letters, digits, '_', '.', '-', not starting with '.' or '-' (so never
     '..' or a path), at most 100 characters. Names read from files are checked like user input."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from bench import registry
-from bench.errors import BenchError, check_safe_name, os_reason
+from bench.errors import BenchError, os_reason, require_safe_name
 from bench.stats import intervals_overlap, mcnemar, mean_std, wilson, worst_case
-from bench.store import Store, check_writable
+from bench.store import Store, require_writable
 
 BASE_DEFENSE = "pgd_at"
 KEY = ("dataset", "arch", "preset")  # one file per value of these run fields
@@ -393,12 +393,12 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
     if fmt not in ("md", "csv", "json"):
         raise BenchError(f"format must be md, csv or json, got '{fmt}'")
-    dest = check_writable(dest, "--dest", writes=())
+    dest = require_writable(dest, "--dest", writes=())
     groups: dict[tuple, list[Config]] = defaultdict(list)
     for cfg in load(store):
         run = cfg.runs[0].run
         # file names are made of these: a hostile database must not name a path outside dest
-        key = tuple(check_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
+        key = tuple(require_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
         groups[key].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")
@@ -531,6 +531,6 @@ class ReportContext:
         return out
 
     def figure(self, name: str) -> Path:
-        path = self.dest / f"{self.stem}-{check_safe_name(name, 'figure name')}.png"
+        path = self.dest / f"{self.stem}-{require_safe_name(name, 'figure name')}.png"
         self.figures.append(path)
         return path

@@ -26,7 +26,7 @@ from bench.config import AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason, unknown
 from bench.evaluate import CellResult, attack_cell, clean_cell
 from bench.stats import worst_case
-from bench.store import DB_NAME, Store, check_writable
+from bench.store import DB_NAME, Store, require_writable
 from bench.train import resolve_precision
 
 log = logging.getLogger("bench")
@@ -185,7 +185,7 @@ def prepare(req: Request) -> Prepared:
         raise unknown("architecture", arch, models.ARCHS)
     device = resolve_device(req.device)
     precision = resolve_precision(req.precision, device)
-    config_mod.check_seed(req.seed)
+    config_mod.validate_seed(req.seed)
 
     params = resolve_params(f"defense '{req.defense}'", defense_cls.PARAMS, req.params, preset)
     defense = defense_cls(**params)
@@ -203,7 +203,7 @@ def prepare(req: Request) -> Prepared:
         labels.add(spec.label)
         attacks.append((spec, attack))
 
-    out = check_writable(req.out)
+    out = require_writable(req.out)
     data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
                       preset.n_test)
     bases = []

@@ -101,7 +101,7 @@ APPLICATION_ID = 0x626E6231  # "bnb1" in the file header: this SQLite file is a 
 ADDED_COLUMNS = {("checks", "flag"): "ALTER TABLE checks ADD COLUMN flag TEXT NOT NULL DEFAULT ''"}
 
 
-def check_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
+def require_writable(out: str, what: str = "output directory", writes: tuple[str, ...] = (DB_NAME, "cache")) -> Path:
     """Fail early, before any work, on an output directory that cannot take what the command writes:
     the directory itself (without creating it: a command that stops on a later mistake, a sweep's second
     job say, must leave no empty folder behind), and `writes`, the files and folders under it that
@@ -173,7 +173,7 @@ class Store:
             problem = " ".join(problem.replace("*** in database main ***", "").split())
             raise BenchError(f"results database {self.path} is corrupt ({problem}); nothing was written to it. "
                              f"Move it away (`sqlite3 {self.path} .recover` may save its intact rows)")
-        if not self._check_schema():
+        if not self._validate_schema():
             if writing:  # a write that is rolled back: fails now on a read-only file, directory or disk
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -185,7 +185,7 @@ class Store:
             return  # a reader may not upgrade a read-only older database: it reads it as it is
         with self.conn:  # upgrade; re-checked under the write lock against a concurrent bench
             self.conn.execute("BEGIN IMMEDIATE")
-            if self._check_schema():
+            if self._validate_schema():
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
@@ -201,7 +201,7 @@ class Store:
                 self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def _check_schema(self) -> bool:
+    def _validate_schema(self) -> bool:
         """Raise unless this is a bnbench database this code can read; True if it needs an upgrade."""
         where = f"results database {self.path}"
         app = self.conn.execute("PRAGMA application_id").fetchone()[0]

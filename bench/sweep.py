@@ -50,7 +50,7 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
     from bench.runner import Request
 
     conf = config_mod.read_toml(path)
-    config_mod.check_toml(conf, TOP_KEYS, str(path))
+    config_mod.validate_toml(conf, TOP_KEYS, str(path))
     cells = conf.get("cells")
     if not cells:
         raise BenchError(f"{path}: no [[cells]] to run")
@@ -60,12 +60,12 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
     result = []
     for i, cell in enumerate(cells, start=1):
         where = f"{path}, cell {i}"
-        config_mod.check_toml(cell, CELL_KEYS, where)
+        config_mod.validate_toml(cell, CELL_KEYS, where)
         if "defense" not in cell:
             raise BenchError(f"{where}: no defense")
         merged = {**{k: v for k, v in conf.items() if k != "cells"}, **cell}
         axes = [(k, _as_list(v)) for k, v in cell.get("grid", {}).items()]
-        seeds = [config_mod.check_seed(s, f"{where}: each of seeds")
+        seeds = [config_mod.validate_seed(s, f"{where}: each of seeds")
                  for s in _as_list(merged.get("seeds", config_mod.SETTING["seed"].default))]
         protocols = _as_list(merged.get("protocols", config_mod.SETTING["protocol"].default))
         for what, values in [("seeds", seeds), ("protocols", protocols)] + [(f"grid.{k}", v) for k, v in axes]:

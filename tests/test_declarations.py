@@ -79,7 +79,7 @@ def test_an_attack_reported_as_autoattack_fills_the_robustbench_export(declaring
     flags = np.arange(100) < 40
     run = {"run_id": "0123456789abcdef", "dataset": "digits", "arch": "tiny_cnn", "preset": "smoke", "seed": 0,
            "command": "bench run", "code_version": "test"}
-    cells = {(lab, "adaptive"): {**_cell(lab, flags), "norm": "Linf", "eps": 8 / 255}
+    cells = {(lab, "adaptive"): {**_cell(lab, flags), "protocol": "adaptive", "norm": "Linf", "eps": 8 / 255}
              for lab in ("pgd10", "toy_standard")}
     cfg = leaderboard.Config("toy", {}, [leaderboard.Run(run, np.ones(100, bool), cells, [])])
     numbers = leaderboard.numbers(cfg, [THREAT], ["pgd10", "toy_standard"])

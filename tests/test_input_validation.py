@@ -198,10 +198,10 @@ def test_optional_fields_take_none_as_the_dataset_standard():
 
 
 def test_seed_bound():
-    assert config.check_seed(2**63 - 1) == 2**63 - 1
+    assert config.validate_seed(2**63 - 1) == 2**63 - 1
     for bad in (2**63, -1, True, 1.0, "3"):
         with pytest.raises(BenchError, match="0..2\\*\\*63-1"):
-            config.check_seed(bad)
+            config.validate_seed(bad)
 
 
 def test_sigint_during_training_says_how_to_resume(tmp_path):

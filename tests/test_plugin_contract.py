@@ -143,6 +143,35 @@ def test_a_negative_eps_given_on_the_command_line_is_refused():
         build(ClassAttributes, eps="-1")
 
 
+class OddStepsOnly(_Step):
+    """Refuses a parameter combination in validate_params, as the README says."""
+
+    eps = 0.1
+    PARAMS = {"steps": Param(3, "steps", low=1)}
+
+    def validate_params(self):
+        if self.params["steps"] % 2 == 0:
+            raise BenchError("OddStepsOnly: steps must be odd")
+
+
+class OddStepsOnlyOldName(_Step):
+    """The same, written against the hook's former name `check()`."""
+
+    eps = 0.1
+    PARAMS = {"steps": Param(3, "steps", low=1)}
+
+    def check(self):
+        if self.params["steps"] % 2 == 0:
+            raise BenchError("OddStepsOnly: steps must be odd")
+
+
+@pytest.mark.parametrize("cls", [OddStepsOnly, OddStepsOnlyOldName])
+def test_validate_params_refuses_a_combination_before_any_work(cls):
+    assert build(cls, steps=3).params["steps"] == 3
+    with pytest.raises(BenchError, match="steps must be odd"):
+        build(cls, steps=4)
+
+
 class Crashes(_Step):
     eps = 0.1
 
