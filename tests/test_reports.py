@@ -165,14 +165,31 @@ def test_figures_exist_are_png_and_embedded(board):
 
 
 def test_csv_and_json_hold_numbers(board):
+    """One record per (run, cell): clean, every attack under each protocol, every worst case; numbers, not
+    strings; JSON adds RobustBench's model_info fields per configuration."""
     dest, _ = board
     import pandas as pd
 
     frame = pd.read_csv(dest / "digits-tiny_cnn-smoke.csv")
-    assert {"name", "clean_acc", "acc_pgd10", "config"} <= set(frame.columns)
-    assert frame["clean_acc"].dtype.kind == "f"
-    models = json.loads((dest / "digits-tiny_cnn-smoke.json").read_text())
-    pgd = next(m for m in models if m["name"] == "pgd_at")
+    assert {"defense", "params", "config", "run_id", "seed", "cell", "protocol", "threat", "eps", "n", "correct",
+            "accuracy", "ci_low", "ci_high", "status", "incomplete"} <= set(frame.columns)
+    assert frame["accuracy"].dtype.kind == "f" and frame["n"].dtype.kind == "i" and frame["eps"].dtype.kind == "f"
+    pgd = frame[frame["defense"] == "pgd_at"].set_index(["cell", "protocol"])
+    assert {("clean", "adaptive"), ("pgd10", "adaptive"), ("fgsm", "adaptive"), ("pgd10[eps=0.05]", "adaptive"),
+            ("worst:Linf eps=0.1", "adaptive"), ("worst:Linf eps=0.05", "adaptive")} <= set(pgd.index)
+    row = pgd.loc[("pgd10", "adaptive")]
+    assert row["accuracy"] == pytest.approx(100 * row["correct"] / row["n"], abs=1e-3) and row["eps"] == 0.1
+    assert row["ci_low"] < row["accuracy"] < row["ci_high"]
+    assert pgd.loc[("worst:Linf eps=0.1", "adaptive"), "accuracy"] <= min(
+        pgd.loc[("pgd10", "adaptive"), "accuracy"], pgd.loc[("fgsm", "adaptive"), "accuracy"])
+    shaped = frame[frame["defense"] == "norm_shaping"]
+    assert set(shaped["protocol"]) == {"adaptive", "paper"}
+
+    exported = json.loads((dest / "digits-tiny_cnn-smoke.json").read_text())
+    assert len(exported["cells"]) == len(frame)
+    cell = next(c for c in exported["cells"] if c["defense"] == "pgd_at" and c["cell"] == "pgd10")
+    assert isinstance(cell["accuracy"], float) and isinstance(cell["n"], int) and isinstance(cell["params"], dict)
+    pgd = next(m for m in exported["models"] if m["name"] == "pgd_at")
     assert isinstance(pgd["clean_acc"], float) and isinstance(pgd["eps"], float) and pgd["architecture"] == "tiny_cnn"
     assert pgd["dataset"] == "digits" and pgd["autoattack_acc"] is None
     assert set(pgd["attacks"]) >= {"pgd10", "fgsm"}
@@ -189,7 +206,7 @@ def test_header_says_how_to_regenerate(board):
 def test_unknown_format(bench, swept, tmp_path):
     _, out = swept
     res = bench("leaderboard", "--out", out, "--dest", tmp_path, "--format", "xlsx")
-    assert res.code == 2 and "format must be md, csv or json" in res.err
+    assert res.code == 2 and "format must be one of md, csv, json, got 'xlsx'" in res.err
 
 
 def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks(tmp_path):
