@@ -1,5 +1,5 @@
-"""Leaderboards from the results database: one per dataset x architecture x preset, as markdown or one
-CSV/JSON record per (run, cell).
+"""Leaderboards from the results database: one per dataset x architecture x preset, as markdown, LaTeX
+tables, or one CSV/JSON record per (run, cell).
 
 Rows are configurations (defense + parameters); several seeds of one configuration are one row (mean +-
 std). The main table holds nine columns (rank, defense, clean, the preset's worst case, its delta against
@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -612,7 +613,7 @@ def cell_records(configs: list[Config]) -> list[dict]:
 # writing
 
 
-FORMATS = ("md", "csv", "json")
+FORMATS = ("md", "latex", "csv", "json")
 
 
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
@@ -744,8 +745,18 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
                                          indent=1), path)
             written.append(path)
             continue
-        board = build(configs, dataset, arch, preset, dest, source, version, stem, figure_dir=dest)
-        path = dest / f"{stem}.md"
-        _replace_file(markdown(board), path)
-        written += [path, *board.figures]
+        if fmt == "md":
+            board = build(configs, dataset, arch, preset, dest, source, version, stem, figure_dir=dest)
+            path = dest / f"{stem}.md"
+            _replace_file(markdown(board), path)
+            written += [path, *board.figures]
+            continue
+        # the LaTeX file has no figures: they are drawn where nothing stays
+        with tempfile.TemporaryDirectory(prefix="bench-figures-") as scratch:
+            board = build(configs, dataset, arch, preset, dest, source, version, stem, figure_dir=Path(scratch))
+            from bench import latex
+
+            path = dest / f"{stem}.tex"
+            _replace_file(latex.document(board), path)
+        written.append(path)
     return written

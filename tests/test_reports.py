@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -114,7 +115,7 @@ def board(swept, tmp_path_factory):
 
     _, out = swept
     dest = tmp_path_factory.mktemp("lb")
-    for fmt in ("md", "csv", "json"):
+    for fmt in ("md", "csv", "json", "latex"):
         try:
             main(["leaderboard", "--out", str(out), "--dest", str(dest), "--format", fmt])
         except SystemExit as exc:
@@ -195,6 +196,22 @@ def test_csv_and_json_hold_numbers(board):
     assert set(pgd["attacks"]) >= {"pgd10", "fgsm"}
 
 
+def test_latex_has_the_main_and_family_tables_with_booktabs_rules(board):
+    dest, _ = board
+    tex = (dest / "digits-tiny_cnn-smoke.tex").read_text()
+    floats = tex.split("\\begin{table}")[1:]
+    assert len(floats) >= 6 and all("\\toprule" in f and "\\midrule" in f and "\\bottomrule" in f for f in floats)
+    main = floats[0]
+    assert "Rank & Defense & Clean & Worst L$\\infty$ $\\varepsilon$=0.1 & $\\Delta$ worst vs pgd\\_at" in main
+    rift = next(f for f in floats if "\\caption{RiFT top-k" in f)
+    assert "Base (PGD-AT) & --- &" in rift and "$\\Delta$ RiFT with BN & 1 &" in rift
+    assert "\\caption{Norm shaping" not in tex  # a heading above subsections is no caption: the grids are
+    assert "\\caption{Robust accuracy, adaptive attacks (worst case) (the slides' table IV layout)}" in tex
+    # every table's text is escaped: no bare underscore or percent sign outside a label
+    body = "\n".join(ln for ln in tex.splitlines() if not ln.startswith(("\\label", "%")))
+    assert not re.search(r"(?<!\\)[_%]", body)
+
+
 def test_header_says_how_to_regenerate(board):
     _, text = board
     head = text.split("\n\n", 2)[1]
@@ -206,7 +223,7 @@ def test_header_says_how_to_regenerate(board):
 def test_unknown_format(bench, swept, tmp_path):
     _, out = swept
     res = bench("leaderboard", "--out", out, "--dest", tmp_path, "--format", "xlsx")
-    assert res.code == 2 and "format must be one of md, csv, json, got 'xlsx'" in res.err
+    assert res.code == 2 and "format must be one of md, latex, csv, json, got 'xlsx'" in res.err
 
 
 def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks(tmp_path):
