@@ -1,5 +1,5 @@
-"""Leaderboards from the results database: one per dataset x architecture x preset, as markdown, LaTeX
-tables, or one CSV/JSON record per (run, cell).
+"""Leaderboards from the results database: one per dataset x architecture x preset, as markdown, a
+self-contained web page, LaTeX tables, or one CSV/JSON record per (run, cell).
 
 Rows are configurations (defense + parameters); several seeds of one configuration are one row (mean +-
 std). The main table holds nine columns (rank, defense, clean, the preset's worst case, its delta against
@@ -613,7 +613,7 @@ def cell_records(configs: list[Config]) -> list[dict]:
 # writing
 
 
-FORMATS = ("md", "latex", "csv", "json")
+FORMATS = ("md", "html", "latex", "csv", "json")
 
 
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
@@ -751,12 +751,18 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
             _replace_file(markdown(board), path)
             written += [path, *board.figures]
             continue
-        # the LaTeX file has no figures: they are drawn where nothing stays
+        # the web page inlines its figures and the LaTeX file has none: they are drawn where nothing stays
         with tempfile.TemporaryDirectory(prefix="bench-figures-") as scratch:
             board = build(configs, dataset, arch, preset, dest, source, version, stem, figure_dir=Path(scratch))
-            from bench import latex
+            if fmt == "latex":
+                from bench import latex
 
-            path = dest / f"{stem}.tex"
-            _replace_file(latex.document(board), path)
+                path = dest / f"{stem}.tex"
+                _replace_file(latex.document(board), path)
+            else:
+                from bench import webpage
+
+                path = dest / f"{stem}.html"
+                _replace_file(webpage.page(board), path)
         written.append(path)
     return written

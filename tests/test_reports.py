@@ -115,7 +115,7 @@ def board(swept, tmp_path_factory):
 
     _, out = swept
     dest = tmp_path_factory.mktemp("lb")
-    for fmt in ("md", "csv", "json", "latex"):
+    for fmt in ("md", "csv", "json", "latex", "html"):
         try:
             main(["leaderboard", "--out", str(out), "--dest", str(dest), "--format", fmt])
         except SystemExit as exc:
@@ -212,6 +212,14 @@ def test_latex_has_the_main_and_family_tables_with_booktabs_rules(board):
     assert not re.search(r"(?<!\\)[_%]", body)
 
 
+def test_html_page_is_written_with_its_figures_inline(board):
+    dest, text = board
+    page = (dest / "digits-tiny_cnn-smoke.html").read_text()
+    assert page.count("data:image/png;base64,") == text.count("![")  # every figure of the markdown, inlined
+    assert 'id="leaderboard"' in page and "RiFT top-k" in page and "Base (PGD-AT)" in page
+    assert not list(dest.glob("*.html.tmp")) and not list(dest.glob(".*tmp"))
+
+
 def test_header_says_how_to_regenerate(board):
     _, text = board
     head = text.split("\n\n", 2)[1]
@@ -223,7 +231,7 @@ def test_header_says_how_to_regenerate(board):
 def test_unknown_format(bench, swept, tmp_path):
     _, out = swept
     res = bench("leaderboard", "--out", out, "--dest", tmp_path, "--format", "xlsx")
-    assert res.code == 2 and "format must be one of md, latex, csv, json, got 'xlsx'" in res.err
+    assert res.code == 2 and "format must be one of md, html, latex, csv, json, got 'xlsx'" in res.err
 
 
 def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks(tmp_path):
