@@ -528,11 +528,17 @@ def eps_figure(rc) -> list[str]:
         for name, by_eps in points.items():
             if len(by_eps) >= 3:
                 xs = sorted(by_eps)
-                curves.setdefault(name, {})[row_name(cfg, rc.configs)] = ([255 * x for x in xs], [by_eps[x] for x in xs])
+                curves.setdefault(name, {})[row_name(cfg, rc.configs)] = (xs, [by_eps[x] for x in xs])
     lines = []
     for name, series in curves.items():
-        path = figures.lines(rc.figure(f"eps-{name}"), [{"series": series, "xlabel": "L∞ budget ε (in 1/255)",
-                                                          "ylabel": "accuracy (%)", "title": f"{name}: accuracy vs budget"}])
+        budgets = [x for xs, _ in series.values() for x in xs]
+        # budgets of k/255 (CIFAR's 4/255, 8/255, 16/255) read best in units of 1/255; others as they are
+        per_255 = all(abs(255 * x - round(255 * x)) < 1e-6 for x in budgets)
+        if per_255:
+            series = {label: ([round(255 * x) for x in xs], ys) for label, (xs, ys) in series.items()}
+        path = figures.lines(rc.figure(f"eps-{name}"), [{
+            "series": series, "xlabel": "L∞ budget ε" + (" (in units of 1/255)" if per_255 else ""),
+            "ylabel": "accuracy (%)", "title": f"{name}: accuracy vs budget"}])
         lines += [f"## Robust accuracy vs ε ({name})", ""] + figures.embed(path, f"{name} accuracy vs eps")
     return lines
 

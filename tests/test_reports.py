@@ -163,6 +163,36 @@ def test_figures_exist_are_png_and_embedded(board):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({path.name})" in text
         assert path.stat().st_size > 5000
+    # the BN-output KDE says in its caption what it shows: measured distances, and why curves coincide
+    caption = text.split("](digits-tiny_cnn-smoke-bn-kde.png)", 1)[1].split("\n\n", 2)[1]
+    assert caption.startswith("*Two-sample Kolmogorov-Smirnov distance to the base's outputs: RiFT ")
+
+
+def test_figures_split_many_series_and_name_every_mark(tmp_path, monkeypatch):
+    """At most eight series per axes, each with its own colour and marker, and a legend entry for every
+    series and every mark."""
+    from bench import figures
+
+    drawn = []
+    save = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    series = {f"defense {i}": ([1, 2, 3], [i, i + 1, i + 2]) for i in range(11)}
+    path = figures.lines(tmp_path / "many.png", [{"title": "t", "xlabel": "x (unit)", "ylabel": "y (%)",
+                                                  "series": series, "marks": {"chosen x=2": 2}}])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["t (1/2)", "t (2/2)"]
+    shown = []
+    for ax in axes:
+        curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("chosen")]
+        assert len(curves) <= figures.MAX_SERIES
+        assert len({ln.get_color() for ln in curves}) == len(curves) and len({ln.get_marker() for ln in curves}) == len(curves)
+        legend = [txt.get_text() for txt in ax.get_legend().get_texts()]
+        assert legend == [ln.get_label() for ln in curves] + ["chosen x=2"]
+        assert ax.get_xlabel() == "x (unit)" and ax.get_ylabel() == "y (%)"
+        shown += legend[:-1]
+    assert shown == list(series)
 
 
 def test_csv_and_json_hold_numbers(board):
