@@ -273,9 +273,11 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, quiet: bool) -> None:
 @click.option("--out", default="results", show_default=True, help="Results directory to read.")
 @click.option("--dest", default="leaderboards", show_default=True, help="Where the files go.")
 @click.option("--format", "fmt", default="md", show_default=True,
-              help="md (tables and figures), csv (main table), json (RobustBench model_info fields).")
+              help="md (tables and figures), html (one self-contained page: sortable, filterable), latex "
+                   "(booktabs tables), csv or json (one record per run and cell; json adds RobustBench's "
+                   "model_info fields per configuration).")
 def leaderboard_cmd(out: str, dest: str, fmt: str) -> None:
-    """Write leaderboards/<dataset>-<arch>-<preset>.{md,csv,json} from the results database."""
+    """Write leaderboards/<dataset>-<arch>-<preset>.{md,html,tex,csv,json} from the results database."""
     from bench import leaderboard
     from bench.runner import code_version
     from bench.store import Store

@@ -1,4 +1,5 @@
-"""Plotting for leaderboards and report plugins: matplotlib (Agg) PNGs, small and readable."""
+"""Plotting for leaderboards and report plugins: matplotlib (Agg) PNGs, readable without the text: named axes
+with units, a legend entry for every mark, at most eight series per axes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# eight hues a reader tells apart (no light/dark pairs of one hue), each series also gets its own marker and
+# line style, so overlapping curves stay distinguishable in grey print too
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*"]
+STYLES = ["-", "--", "-.", ":"]
+MAX_SERIES = len(COLORS)  # per axes; more are split over several panels
 
 
 def save(fig, path: Path) -> Path:
@@ -20,29 +26,40 @@ def save(fig, path: Path) -> Path:
     return path
 
 
+def split_panels(panels: list[dict]) -> list[dict]:
+    """Panels of at most MAX_SERIES series: a larger one becomes several, titled (1/2), (2/2)."""
+    out = []
+    for panel in panels:
+        items = list(panel["series"].items())
+        parts = [items[i:i + MAX_SERIES] for i in range(0, len(items), MAX_SERIES)] or [[]]
+        for j, part in enumerate(parts):
+            title = panel.get("title", "") + (f" ({j + 1}/{len(parts)})" if len(parts) > 1 else "")
+            out.append({**panel, "series": dict(part), "title": title})
+    return out
+
+
 def lines(path: Path, panels: list[dict], *, title: str = "", width: float = 5.0) -> Path:
-    """One or more side-by-side panels; each {"title", "xlabel", "ylabel", "series": {label: (x, y)},
-    optional "marks": {label: x}} draws lines with markers (and dashed vertical marks, in the legend).
-    Many series get a legend outside the axes and a 20-colour palette with varied markers."""
-    many = max(len(p["series"]) for p in panels) > 6
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + (2.6 if many else 0), 3.6), squeeze=False)
-    palette = plt.get_cmap("tab20").colors if many else COLORS
-    markers = "osD^v<>pX*"
+    """Side-by-side panels; each {"title", "xlabel", "ylabel", "series": {label: (x, y)}, optional "marks":
+    {label: x}} draws each series with its own colour, marker and line style, and each mark as a dashed
+    vertical line; every one has a legend entry. A panel of more than MAX_SERIES series is split."""
+    panels = split_panels(panels)
+    wide = max(len(p["series"]) for p in panels) > 4 or any(len(k) > 28 for p in panels for k in p["series"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + (2.4 if wide else 0), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for i, (label, (x, y)) in enumerate(panel["series"].items()):
-            ax.plot(x, y, marker=markers[i % len(markers)] if many else "o", ms=3.5, lw=1.6,
-                    color=palette[i % len(palette)], label=label)
+            ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.6, ls=STYLES[i % len(STYLES)],
+                    color=COLORS[i % len(COLORS)], label=label)
         for label, x in panel.get("marks", {}).items():
-            ax.axvline(x, ls="--", lw=1, color="grey", label=label)
+            ax.axvline(x, ls=(0, (4, 3)), lw=1.2, color="black", label=label)
         xs = [v for x, _ in panel["series"].values() for v in x]
         if xs and all(float(v).is_integer() for v in xs):
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(panel.get("title", ""), fontsize=10)
-        ax.set_xlabel(panel.get("xlabel", ""))
-        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"])
         ax.grid(alpha=0.3)
-        if many:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        if wide:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         else:
             ax.legend(fontsize=8)
     if title:
@@ -51,10 +68,14 @@ def lines(path: Path, panels: list[dict], *, title: str = "", width: float = 5.0
 
 
 def bars(path: Path, labels: list[str], values: list[float], groups: list[str], marked: set[str], *,
-         ylabel: str, title: str) -> Path:
-    """Vertical bars coloured by group (e.g. conv / bn), marked ones outlined and starred."""
+         ylabel: str, title: str, xlabel: str = "", marked_label: str = "marked") -> Path:
+    """Vertical bars coloured by group (e.g. conv / bn); marked ones outlined and starred, with a legend
+    entry of their own."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     palette = {g: COLORS[i % len(COLORS)] for i, g in enumerate(dict.fromkeys(groups))}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(labels) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(labels) + 2), 4.4))
     xs = np.arange(len(labels))
     for x, value, group, label in zip(xs, values, groups, labels):
         chosen = label in marked
@@ -63,30 +84,35 @@ def bars(path: Path, labels: list[str], values: list[float], groups: list[str], 
             ax.annotate("*", (x, value), ha="center", va="bottom", fontsize=14)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=7)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
-    ax.legend(handles, list(palette), fontsize=8)
+    handles = [Patch(color=c, label=g) for g, c in palette.items()]
+    if marked & set(labels):
+        handles.append(Line2D([], [], ls="none", marker="*", ms=10, mfc="black", mec="black", label=marked_label))
+    ax.legend(handles=handles, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
 
 
 def densities(path: Path, samples: dict[str, list[float]], *, xlabel: str, title: str) -> Path:
-    """Gaussian kernel density estimates of several samples on one axis."""
+    """Gaussian kernel density estimates of several samples on one axis, each with its own colour and line
+    style (curves that coincide stay visible as such)."""
     from scipy.stats import gaussian_kde
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
     values = [np.asarray(v, dtype=float) for v in samples.values()]
     low = min(float(np.percentile(v, 0.5)) for v in values)
     high = max(float(np.percentile(v, 99.5)) for v in values)
     grid = np.linspace(low, high, 300)
     for i, (label, v) in enumerate(zip(samples, values)):
+        style = dict(color=COLORS[i % len(COLORS)], ls=STYLES[i % len(STYLES)])
         if np.ptp(v) == 0:
-            ax.axvline(float(v[0]), color=COLORS[i % len(COLORS)], label=label)
+            ax.axvline(float(v[0]), label=f"{label} (all {v[0]:g})", **style)
             continue
-        ax.plot(grid, gaussian_kde(v)(grid), lw=1.8, color=COLORS[i % len(COLORS)], label=f"{label} (n={len(v)})")
+        ax.plot(grid, gaussian_kde(v)(grid), lw=2.0, label=f"{label} (n={len(v)})", **style)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("probability density")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

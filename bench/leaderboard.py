@@ -1,9 +1,12 @@
-"""Markdown leaderboards from the results database: one file per dataset x architecture x preset.
+"""Leaderboards from the results database: one per dataset x architecture x preset, as markdown, a
+self-contained web page, LaTeX tables, or one CSV/JSON record per (run, cell).
 
 Rows are configurations (defense + parameters); several seeds of one configuration are one row (mean +-
-std). Every accuracy carries its n and a 95% Wilson interval, every delta against the `pgd_at` base a
-paired exact McNemar p-value on the same samples (pooled over the seeds both have), rows whose intervals
-overlap rank as ties, and failed or warning sanity checks show as flags linked to their details.
+std). The main table holds nine columns (rank, defense, clean, the preset's worst case, its delta against
+the `pgd_at` base, AutoAttack, flags, n, run); every attack is in the per-threat-model detail tables and every
+command under Reproduce. Every accuracy carries its n and a 95% Wilson interval, every delta a paired exact
+McNemar p-value on the same samples (pooled over the seeds both have); a row's rank counts the rows that beat
+it significantly (RANK_RULE), and failed or warning sanity checks show as flags linked to their details.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import registry
+from bench import latex, registry, webpage
 from bench.errors import BenchError, os_reason, require_safe_name
+from bench.params import exact_text
 from bench.stats import intervals_overlap, mcnemar, mean_std, wilson, worst_case
 from bench.store import Store, require_writable
 
@@ -111,6 +116,17 @@ def unplaced_failures(store: Store) -> list[str]:
 # formatting
 
 
+def paired(mine: dict[int, np.ndarray], base: dict[int, np.ndarray]):
+    """The exact McNemar comparison of `mine` against `base` on the seeds both have (None: no common
+    samples)."""
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
+        return None
+    a = np.concatenate([base[s] for s in seeds])
+    b = np.concatenate([mine[s] for s in seeds])
+    return mcnemar(a, b) if a.shape == b.shape else None
+
+
 def accuracy_text(per_seed: dict[int, np.ndarray]) -> tuple[str, float, tuple[float, float]]:
     """'53.2 [50.1, 56.3]' for one seed, '53.2 ± 0.8' for several; with the mean and the Wilson interval
     of the pooled samples (used for ranking)."""
@@ -127,18 +143,21 @@ def accuracy_text(per_seed: dict[int, np.ndarray]) -> tuple[str, float, tuple[fl
 
 def delta_text(mine: dict[int, np.ndarray], base: dict[int, np.ndarray]) -> str:
     """Δ in points with the exact McNemar p-value on the paired samples of the seeds both have."""
-    seeds = sorted(set(mine) & set(base))
-    if not seeds:
+    if not set(mine) & set(base):
         return "—"
-    a = np.concatenate([base[s] for s in seeds])
-    b = np.concatenate([mine[s] for s in seeds])
-    if a.shape != b.shape:
+    test = paired(mine, base)
+    if test is None:
         return "— (other samples)"
-    test = mcnemar(a, b)
     if test.a_only == test.b_only == 0:
         return f"{100 * test.delta:+.1f} (identical)"
     mark = f"p={test.p_value:.2g}" if test.significant else f"ns, p={test.p_value:.2f}"
     return f"{100 * test.delta:+.1f} ({mark})"
+
+
+def threat_text(threat: str) -> str:
+    """'Linf eps=8/255' -> 'L∞ ε=8/255' (the stored budget is already exact: config.exact_text)."""
+    norm, sep, eps = threat.partition(" eps=")
+    return f"{'L∞' if norm == 'Linf' else norm} ε={eps}" if sep else threat
 
 
 def params_text(params: dict) -> str:
@@ -152,9 +171,16 @@ def distinguishing(cfg: Config, configs: list[Config]) -> str:
     return ", ".join(f"{k}={_short(cfg.params.get(k))}" for k in keys) or "—"
 
 
+def row_name(cfg: Config, configs: list[Config]) -> str:
+    """'rift_bn k=5': the defense with the parameters that tell its row from its siblings'."""
+    params = distinguishing(cfg, configs)
+    return cfg.defense if params == "—" else f"{cfg.defense} {params}"
+
+
 def _short(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        text = exact_text(v)  # 8/255 for a budget, else a round-trip repr: shortened where that is long
+        return text if len(text) <= 8 else f"{v:.4g}"
     if isinstance(v, list):
         return "(" + ",".join(_short(x) for x in v) + ")" if len(v) <= 4 else f"({len(v)} values)"
     return str(v)
@@ -164,17 +190,26 @@ def anchor(cfg: Config) -> str:
     return f"checks-{cfg.defense}-{cfg.key}".lower().replace("_", "-")
 
 
-def flags_text(cfg: Config) -> str:
-    seen = []
+def run_anchor(cfg: Config) -> str:
+    return f"run-{cfg.key}"
+
+
+def check_flags(cfg: Config) -> list[str]:
+    """The flags of the warning or failed sanity checks of `cfg`'s runs, each once."""
+    seen: list[str] = []
     for r in cfg.runs:
         for c in r.checks:
             if c["status"] in ("warn", "fail") and c.get("flag") and c["flag"] not in seen:
                 seen.append(c["flag"])
-    return " ".join(f"[{f}](#{anchor(cfg)})" for f in seen)
+    return seen
+
+
+def flags_text(cfg: Config) -> str:
+    return " ".join(f"[{f}](#{anchor(cfg)})" for f in check_flags(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------
-# the main table
+# which attacks, which worst case
 
 
 def base_config(configs: list[Config]) -> Config | None:
@@ -196,6 +231,18 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
     return labels, paper, threats
 
 
+def primary_threat(configs: list[Config]) -> str | None:
+    """The threat model of the main table: the preset's own L∞ budget where any row was attacked at it,
+    else the one most rows were attacked under."""
+    threats = attack_labels(configs)[2]
+    eps = (configs[0].runs[0].run.get("config") or {}).get("preset", {}).get("eps") if configs else None
+    if isinstance(eps, float) and f"Linf eps={exact_text(eps)}" in threats:
+        return f"Linf eps={exact_text(eps)}"
+    counts = {t: sum(any(c["threat"] == t for r in cfg.runs for c in r.cells.values()) for cfg in configs)
+              for t in threats}
+    return max(threats, key=lambda t: counts[t]) if threats else None
+
+
 def _batch_dependent_only(label: str) -> bool:
     # an attack whose plugin is no longer installed declares nothing: it counts as missing
     return bool(getattr(registry.declared("attack", label.split("[", 1)[0]), "batch_dependent_only", False))
@@ -203,23 +250,37 @@ def _batch_dependent_only(label: str) -> bool:
 
 def adaptive_attacks(configs: list[Config], threat: str) -> list[str]:
     """The adaptive attacks of `threat` that any of `configs` ran, in the order first seen."""
+    return attacks_of(configs, threat, "adaptive")
+
+
+def attacks_of(configs: list[Config], threat: str, protocol: str, requested: bool = False) -> list[str]:
+    """The attacks of `threat` under `protocol` that any of `configs` ran (or, with `requested`, was asked to
+    run and lacks), in the order first seen."""
     out: list[str] = []
     for cfg in configs:
         for r in cfg.runs:
-            for (label, protocol), c in r.cells.items():
-                if protocol == "adaptive" and c["threat"] == threat and label not in out:
+            for (label, proto), c in r.cells.items():
+                if proto == protocol and c["threat"] == threat and label not in out:
                     out.append(label)
+            for m in r.missing if requested else []:
+                if m["protocol"] == protocol and m["threat"] == threat and m["attack"] not in out + [CLEAN]:
+                    out.append(m["attack"])
     return out
+
+
+def fewer_attacks(cfg: Config, attacks: list[str]) -> list[str]:
+    """Those of `attacks` that apply to `cfg` but it lacks (an attack that only adds something against
+    batch-dependent defenses is not missing from the others)."""
+    return [lab for lab in attacks if not cfg.flags(lab)
+            and (cfg.runs[0].run["batch_dependent"] or not _batch_dependent_only(lab))]
 
 
 def fewer_attacks_mark(cfg: Config, attacks: list[str]) -> str:
     """' † without X, Y' when `cfg` lacks some of `attacks` that apply to it, else ''.
 
-    A worst case over fewer attacks than its neighbours' overstates robustness against them. An attack
-    that only adds something against batch-dependent defenses is not missing from the others.
+    A worst case over fewer attacks than its neighbours' overstates robustness against them.
     """
-    missing = [lab for lab in attacks if not cfg.flags(lab)
-               and (cfg.runs[0].run["batch_dependent"] or not _batch_dependent_only(lab))]
+    missing = fewer_attacks(cfg, attacks)
     return f" † without {', '.join(missing)}" if missing else ""
 
 
@@ -247,84 +308,195 @@ def incomplete_mark(cfg: Config, threat: str | None = None, protocol: str | None
     return f" ‡ incomplete: {', '.join(lacking)}" if lacking else ""
 
 
-def main_table(configs: list[Config]) -> pd.DataFrame:
-    labels, paper_labels, threats = attack_labels(configs)
-    base = base_config(configs)
-    threat_labels = {threat: adaptive_attacks(configs, threat) for threat in threats}
-    rows = []
-    for cfg in configs:
-        row = {"Defense": cfg.defense, "Params": distinguishing(cfg, configs)}
-        text, _, _ = accuracy_text(cfg.flags(CLEAN))
-        row["Clean"] = text
-        for label in labels:
-            row[label] = accuracy_text(cfg.flags(label))[0]
-            if label in paper_labels:
-                row[f"{label} (paper)"] = accuracy_text(cfg.flags(label, "paper"))[0]
-        sort_key = None
-        for threat in threats:
-            text, mean, interval = accuracy_text(cfg.flags(f"worst:{threat}"))
-            if text != "—":
-                text += fewer_attacks_mark(cfg, threat_labels[threat])
-            row[f"Worst ({threat})"] = text + incomplete_mark(cfg, threat, "adaptive")
-            if sort_key is None:
-                sort_key = (mean, interval)
-            if paper_labels:
-                row[f"Worst ({threat}, paper)"] = accuracy_text(cfg.flags(f"worst:{threat}", "paper"))[0] + \
-                    incomplete_mark(cfg, threat, "paper")
-            if base is not None:
-                row[f"Δ worst ({threat})"] = delta_text(cfg.flags(f"worst:{threat}"), base.flags(f"worst:{threat}"))
-        if base is not None:
-            row["Δ clean"] = delta_text(cfg.flags(CLEAN), base.flags(CLEAN))
-        row["Flags"] = " ".join(t for t in (incomplete_mark(cfg).strip(), flags_text(cfg)) if t)
-        clean = cfg.flags(CLEAN)
-        row["n"] = str(next(iter(clean.values())).size) if clean else "0"
-        row["Seeds"] = ",".join(map(str, cfg.seeds))
-        row["Config"] = cfg.key
-        row["Command"] = f"`{cfg.runs[0].run['command']}`" if cfg.runs[0].run["command"] else "—"
-        row["_sort"] = sort_key if sort_key else (float("-inf"), (float("nan"), float("nan")))
-        rows.append(row)
-    rows.sort(key=lambda r: -r["_sort"][0] if r["_sort"][0] == r["_sort"][0] else float("inf"))
-    rank_rows(rows)
-    for r in rows:
-        r.pop("_sort")
-    frame = pd.DataFrame(rows)
-    return frame[["Rank"] + [c for c in frame.columns if c != "Rank"]] if len(frame) else frame
+@functools.lru_cache(maxsize=None)  # an export asks once per configuration and label; each asks the entry points
+def _reported_as(label: str) -> str:
+    """What the attack registered as `label` declares itself reported as ('' for a label with parameters)."""
+    return getattr(registry.declared("attack", label), "reported_as", "")
 
 
-def rank_rows(rows: list[dict]) -> None:
-    """1, 2, ... by worst-case accuracy; a row whose interval overlaps its group leader's ties with it."""
-    leader = None
-    for i, row in enumerate(rows, start=1):
-        mean, interval = row["_sort"]
+# ----------------------------------------------------------------------------------------------------
+# tables: text for markdown and LaTeX, numbers for the web page to sort by
+
+
+@dataclass
+class Table:
+    """One table of a leaderboard in every output format."""
+
+    title: str
+    frame: pd.DataFrame  # the cells as plain text
+    values: pd.DataFrame | None = None  # per cell the number it sorts by (NaN: sort by its text)
+    configs: list[Config] = field(default_factory=list)  # the configuration of each row (for links)
+    markdown: pd.DataFrame | None = None  # the cells as markdown, where they hold links
+    anchor: str = ""
+
+
+def rank_rows(worst: list[dict[int, np.ndarray]]) -> list[int | None]:
+    """RANK_RULE: rank = 1 + the rows whose worst case is significantly higher (None: no worst case)."""
+    stats = [accuracy_text(w) for w in worst]
+    ranks: list[int | None] = []
+    for i, (_, mean, interval) in enumerate(stats):
         if mean != mean:
-            row["Rank"] = "—"
+            ranks.append(None)
             continue
-        if leader is not None and intervals_overlap(interval, leader[1]):
-            row["Rank"] = f"={leader[0]}"
-            rows[leader[2]]["Rank"] = f"={leader[0]}"
-        else:
-            leader = (i, interval, i - 1)
-            row["Rank"] = str(i)
+        better = 0
+        for j, (_, other, other_interval) in enumerate(stats):
+            if j == i or not other > mean:
+                continue
+            test = paired(worst[j], worst[i])
+            better += test.significant if test is not None else not intervals_overlap(interval, other_interval)
+        ranks.append(1 + better)
+    return ranks
 
 
-def checks_section(configs: list[Config]) -> list[str]:
+RANK_RULE = ("Rank = 1 + the number of rows whose worst case is significantly higher (exact McNemar test on "
+             "the paired samples, p < 0.05; rows on different samples: disjoint 95% intervals), so a row ranks "
+             "below only rows that beat it beyond the noise; equal ranks are marked =.")
+
+
+def main_table(configs: list[Config]) -> Table:
+    """At most nine columns: rank, defense, clean, the primary threat model's worst case, its Δ against the
+    base, AutoAttack, flags, n (seeds), run. Everything else is in the detail tables and Reproduce."""
+    threat = primary_threat(configs)
+    base = base_config(configs)
+    worst_label = f"worst:{threat}" if threat else ""
+    peers = adaptive_attacks(configs, threat) if threat else []
+    aa_labels = [lab for lab in peers if _reported_as(lab) == "AutoAttack"]
+    worst = [cfg.flags(worst_label) if threat else {} for cfg in configs]
+    ranks = rank_rows(worst)
+    order = sorted(range(len(configs)), key=lambda i: (ranks[i] is None, ranks[i] or 0, -accuracy_text(worst[i])[1]
+                                                       if worst[i] else 0))
+    counts = defaultdict(int)
+    for r in ranks:
+        counts[r] += 1
+    worst_col = f"Worst {threat_text(threat)}" if threat else "Worst"
+    delta_col = f"Δ worst vs {BASE_DEFENSE}"
+    text_rows, md_rows, value_rows = [], [], []
+    for i in order:
+        cfg, rank = configs[i], ranks[i]
+        clean_text, clean_mean, _ = accuracy_text(cfg.flags(CLEAN))
+        worst_text, worst_mean, _ = accuracy_text(worst[i])
+        lacking = incomplete(cfg, threat, "adaptive") if threat else []
+        without = fewer_attacks(cfg, peers) if worst[i] else []
+        if worst[i]:
+            worst_text += " †" * bool(without)
+        worst_text += " ‡" * bool(lacking)
+        test = paired(worst[i], base.flags(worst_label)) if base is not None and worst[i] else None
+        aa = next((lab for lab in aa_labels if cfg.flags(lab)), None)
+        aa_text, aa_mean, _ = accuracy_text(cfg.flags(aa) if aa else {})
+        marks = ([f"† without {', '.join(without)}"] if without else []) + \
+            ([f"‡ incomplete: {', '.join(incomplete(cfg))}"] if incomplete(cfg) else [])
+        clean = cfg.flags(CLEAN)
+        n = next(iter(clean.values())).size if clean else 0
+        row = {"Rank": "—" if rank is None else ("=" * (counts[rank] > 1)) + str(rank),
+               "Defense": row_name(cfg, configs), "Clean": clean_text, worst_col: worst_text,
+               delta_col: delta_text(worst[i], base.flags(worst_label)) if base is not None and worst[i] else "—",
+               "AutoAttack": aa_text, "Flags": " ".join(marks + check_flags(cfg)),
+               "n (seeds)": f"{n} ({','.join(map(str, cfg.seeds))})", "Run": cfg.key}
+        text_rows.append(row)
+        md_rows.append({**row, "Flags": " ".join(marks + ([flags_text(cfg)] if check_flags(cfg) else [])),
+                        "Run": f"[{cfg.key}](#{run_anchor(cfg)})"})
+        value_rows.append({"Rank": float("inf") if rank is None else rank, "Clean": 100 * clean_mean,
+                           worst_col: 100 * worst_mean, delta_col: 100 * test.delta if test else float("nan"),
+                           "AutoAttack": 100 * aa_mean, "n (seeds)": n})
+    columns = ["Rank", "Defense", "Clean", worst_col, delta_col, "AutoAttack", "Flags", "n (seeds)", "Run"]
+    frame = pd.DataFrame(text_rows, columns=columns)
+    return Table("Leaderboard", frame, pd.DataFrame(value_rows, columns=columns).astype(float),
+                 [configs[i] for i in order], pd.DataFrame(md_rows, columns=columns), "leaderboard")
+
+
+def _column_name(label: str, threat: str) -> str:
+    """'pgd10[eps=16/255]' in the 16/255 table is plain 'pgd10': the table's title names the budget."""
+    name, bracket, inner = label.partition("[")
+    if not bracket:
+        return label
+    eps = threat.partition(" eps=")[2]
+    rest = [item for item in inner[:-1].split(",") if item != f"eps={eps}"]
+    return name + (f"[{','.join(rest)}]" if rest else "")
+
+
+def detail_tables(configs: list[Config], order: list[Config]) -> list[Table]:
+    """Per threat model and protocol: every attack's accuracy, the worst case with its marks, and (adaptive)
+    its Δ against the base. Rows in the main table's order; only rows attacked under that threat model."""
+    base = base_config(configs)
+    threats = attack_labels(configs)[2]
+    primary = primary_threat(configs)
+    tables = []
+    for threat in sorted(threats, key=lambda t: t != primary):
+        for protocol in ("adaptive", "paper"):
+            attacks = attacks_of(configs, threat, protocol, requested=True)
+            if not attacks:
+                continue
+            names = [_column_name(a, threat) for a in attacks]
+            if len(set(names)) < len(names):
+                names = attacks
+            worst_label = f"worst:{threat}"
+            rows, values = [], []
+            for cfg in order:
+                if not any(cfg.flags(a, protocol) for a in attacks) and not incomplete(cfg, threat, protocol):
+                    continue
+                row = {"Defense": row_name(cfg, configs)}
+                value = {}
+                for attack, name in zip(attacks, names):
+                    row[name], mean, _ = accuracy_text(cfg.flags(attack, protocol))
+                    value[name] = 100 * mean
+                text, mean, _ = accuracy_text(cfg.flags(worst_label, protocol))
+                if protocol == "adaptive" and text != "—":
+                    text += fewer_attacks_mark(cfg, adaptive_attacks(configs, threat))
+                row["Worst"], value["Worst"] = text + incomplete_mark(cfg, threat, protocol), 100 * mean
+                if protocol == "adaptive" and base is not None:
+                    row[f"Δ worst vs {BASE_DEFENSE}"] = delta_text(cfg.flags(worst_label), base.flags(worst_label))
+                rows.append(row)
+                values.append(value)
+            kind = "adaptive attacks" if protocol == "adaptive" else "paper protocol (attacks on the surrogate)"
+            frame = pd.DataFrame(rows)
+            slug = f"detail-{threat}-{protocol}".lower().replace(" eps=", "-").replace("/", "-").replace(".", "-")
+            tables.append(Table(f"{threat_text(threat)}, {kind}", frame,
+                                pd.DataFrame(values, columns=frame.columns).astype(float), anchor=slug))
+    return tables
+
+
+def reproduce_section(configs: list[Config], order: list[Config]) -> list[str]:
+    lines = ["## Reproduce", "",
+             "The `bench run` command of every row (its **Run** column links here); a `bench sweep` grid stores "
+             "the same commands.", ""]
+    for cfg in order:
+        commands = list(dict.fromkeys(r.run["command"] for r in cfg.runs if r.run["command"]))
+        text = "; ".join(f"`{c}`" for c in commands) or "(no command stored)"
+        lines.append(f'- <a id="{run_anchor(cfg)}"></a>`{cfg.key}` {row_name(cfg, configs)}: {text}')
+    return lines + [""]
+
+
+def check_summary(cfg: Config, run: Run) -> str:
+    """'✗ budget fail, ⚠ gradient_health warn' or 'all 9 passed (1 skipped)'."""
+    bad = [f"{'✗' if c['status'] == 'fail' else '⚠'} {c['name']} {c['status']}" for c in run.checks
+           if c["status"] in ("warn", "fail")]
+    if bad:
+        return ", ".join(bad)
+    passed = sum(c["status"] == "pass" for c in run.checks)
+    skipped = sum(c["status"] == "skip" for c in run.checks)
+    return f"all {passed} passed" + (f" ({skipped} skipped)" if skipped else "") if run.checks else "no checks ran"
+
+
+def checks_section(configs: list[Config], order: list[Config] | None = None) -> list[str]:
+    order = order or configs
     lines = ["## Sanity checks", "",
-             "Checks of METHODS.md's evaluation protocol, run with every `bench run`; rows with a warning or "
-             "failure are flagged in the table above.", ""]
-    for cfg in configs:
-        rows = []
-        for r in cfg.runs:
-            for c in r.checks:
-                rows.append([f"seed {r.run['seed']}" if len(cfg.runs) > 1 else "", c["name"], c["status"],
-                             c["detail"].replace("|", "/")])
-        if not rows:
+             "Checks of METHODS.md's evaluation protocol, run with every `bench run`: one line per run with the "
+             "checks that did not pass (their flags are in the table's Flags column); every check's detail is "
+             "folded below.", ""]
+    details = []
+    for cfg in order:
+        if not any(r.checks for r in cfg.runs):
             continue
-        lines += [f'<a id="{anchor(cfg)}"></a>', f"### {cfg.defense} ({distinguishing(cfg, configs)}, config {cfg.key})", ""]
-        frame = pd.DataFrame(rows, columns=["Seed", "Check", "Status", "Detail"])
-        if len(cfg.runs) == 1:
-            frame = frame.drop(columns="Seed")
-        lines += [frame.to_markdown(index=False), ""]
-    return lines
+        for j, r in enumerate(cfg.runs):
+            seed = f", seed {r.run['seed']}" if len(cfg.runs) > 1 else ""
+            tag = f'<a id="{anchor(cfg)}"></a>' if j == 0 else ""
+            lines.append(f"- {tag}{row_name(cfg, configs)} (`{cfg.key}`{seed}): {check_summary(cfg, r)}")
+            rows = [[c["name"], c["status"], c["detail"].replace("|", "/")] for c in r.checks]
+            details += [f"#### {row_name(cfg, configs)} (`{cfg.key}`{seed})", "",
+                        pd.DataFrame(rows, columns=["Check", "Status", "Detail"]).to_markdown(index=False), ""]
+    if details:
+        lines += ["", "<details><summary>Every check's detail, per run</summary>", ""] + details + ["</details>"]
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,25 +504,29 @@ def checks_section(configs: list[Config]) -> list[str]:
 
 
 def eps_figure(rc) -> list[str]:
-    from bench import figures
+    from bench import figures  # matplotlib: loaded only when a leaderboard draws
 
     curves: dict[str, dict[str, tuple]] = {}
     for cfg in rc.configs:
         points: dict[str, dict[float, float]] = defaultdict(dict)
         for r in cfg.runs[:1]:
             for (label, protocol), cell in r.cells.items():
-                if protocol == "adaptive":
+                if protocol == "adaptive" and cell["norm"] == "Linf":
                     points[cell["name"]][cell["eps"]] = 100 * cell["correct"] / cell["n"]
         for name, by_eps in points.items():
             if len(by_eps) >= 3:
                 xs = sorted(by_eps)
-                params = distinguishing(cfg, rc.configs)
-                label = cfg.defense + (f" ({params})" if params != "—" else "")
-                curves.setdefault(name, {})[label] = ([255 * x for x in xs], [by_eps[x] for x in xs])
+                curves.setdefault(name, {})[row_name(cfg, rc.configs)] = (xs, [by_eps[x] for x in xs])
     lines = []
     for name, series in curves.items():
-        path = figures.lines(rc.figure(f"eps-{name}"), [{"series": series, "xlabel": "eps (x/255)",
-                                                          "ylabel": "accuracy %", "title": f"{name}: accuracy vs budget"}])
+        budgets = [x for xs, _ in series.values() for x in xs]
+        # budgets of k/255 (CIFAR's 4/255, 8/255, 16/255) read best in units of 1/255; others as they are
+        per_255 = all(abs(255 * x - round(255 * x)) < 1e-6 for x in budgets)
+        if per_255:
+            series = {label: ([round(255 * x) for x in xs], ys) for label, (xs, ys) in series.items()}
+        path = figures.lines(rc.figure(f"eps-{name}"), [{
+            "series": series, "xlabel": "L∞ budget ε" + (" (in units of 1/255)" if per_255 else ""),
+            "ylabel": "accuracy (%)", "title": f"{name}: accuracy vs budget"}])
         lines += [f"## Robust accuracy vs ε ({name})", ""] + figures.embed(path, f"{name} accuracy vs eps")
     return lines
 
@@ -359,13 +535,8 @@ def eps_figure(rc) -> list[str]:
 # machine-readable forms
 
 
-@functools.lru_cache(maxsize=None)  # an export asks once per configuration and label; each asks the entry points
-def _reported_as(label: str) -> str:
-    """What the attack registered as `label` declares itself reported as ('' for a label with parameters)."""
-    return getattr(registry.declared("attack", label), "reported_as", "")
-
-
 def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
+    """RobustBench's model_info fields (and ours) of one configuration."""
     def pct(label, protocol="adaptive"):
         per_seed = cfg.flags(label, protocol)
         return round(100 * float(np.mean([f.mean() for f in per_seed.values()])), 4) if per_seed else None
@@ -389,10 +560,60 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
     }
 
 
+def cell_records(configs: list[Config]) -> list[dict]:
+    """One record per (run, cell): clean, each attack under each protocol, each worst case, and each requested
+    cell that is missing or failed; accuracies in % (None where nothing was measured)."""
+    records = []
+    for cfg in configs:
+        threats = list(dict.fromkeys(c["threat"] for r in cfg.runs for c in r.cells.values()))
+        for r in cfg.runs:
+            run = r.run
+            common = {"dataset": run["dataset"], "arch": run["arch"], "preset": run["preset"],
+                      "defense": cfg.defense, "params": cfg.params, "config": cfg.key, "run_id": run["run_id"],
+                      "seed": run["seed"], "code_version": run["code_version"], "command": run["command"]}
+
+            def record(cell, protocol, flags, status="done", **extra):
+                n, correct = (int(flags.size), int(flags.sum())) if flags is not None else (None, None)
+                low, high = wilson(correct, n) if n else (None, None)
+                return {**common, "cell": cell, "protocol": protocol, "status": status, "n": n, "correct": correct,
+                        "accuracy": round(100 * correct / n, 4) if n else None,
+                        "ci_low": round(100 * low, 4) if n else None, "ci_high": round(100 * high, 4) if n else None,
+                        "attack": None, "threat": None, "norm": None, "eps": None, "seconds": None,
+                        "incomplete": "", "without": "", "error": None, **extra}
+
+            records.append(record(CLEAN, "adaptive", r.clean))
+            for (label, protocol), c in r.cells.items():
+                records.append(record(label, protocol, c["flags"], attack=c["name"], threat=c["threat"],
+                                      norm=c["norm"], eps=float(c["eps"]), seconds=float(c["seconds"])))
+            for m in r.missing:
+                records.append(record(m["attack"], m["protocol"], None, "failed" if m["error"] else "missing",
+                                      threat=m["threat"], error=m["error"]))
+            for threat in threats:
+                for protocol in ("adaptive", "paper"):
+                    flags = Config._flags(r, f"worst:{threat}", protocol)
+                    if flags is None:
+                        continue
+                    lacking = [f"{m['attack']} {'failed' if m['error'] else 'missing'}" for m in r.missing
+                               if m["attack"] == CLEAN or (m["threat"], m["protocol"]) == (threat, protocol)]
+                    without = fewer_attacks(cfg, adaptive_attacks(configs, threat)) if protocol == "adaptive" else []
+                    cell = next(c for c in r.cells.values() if c["threat"] == threat)
+                    records.append(record(f"worst:{threat}", protocol, flags, "worst case", threat=threat,
+                                          norm=cell["norm"], eps=float(cell["eps"]), incomplete=", ".join(lacking),
+                                          without=", ".join(without)))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+FORMATS = ("md", "html", "latex", "csv", "json")
+
+
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
-    if fmt not in ("md", "csv", "json"):
-        raise BenchError(f"format must be md, csv or json, got '{fmt}'")
+    if fmt not in FORMATS:
+        raise BenchError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     dest = require_writable(dest, "--dest", writes=())
     groups: dict[tuple, list[Config]] = defaultdict(list)
     for cfg in load(store):
@@ -421,57 +642,119 @@ def _replace_file(content: str | pd.DataFrame, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class Board:
+    """Everything one leaderboard file shows, before it is written in a format."""
+
+    dataset: str
+    arch: str
+    preset: str
+    configs: list[Config]
+    main: Table
+    details: list[Table]
+    header: list[str]  # markdown lines: title, provenance, how to read the tables
+    reports: list[str]  # markdown lines: the ε figure and the report plugins' sections
+    figures: list[Path]
+    # per configuration (Config.key): its anchor, row name, parameters and check summary, for the views
+    # (bench.webpage, bench.latex), which read the board and import nothing of the leaderboard
+    rows: dict = field(default_factory=dict)
+    rank_rule: str = ""
+
+
+def reading_guide(main: Table) -> list[str]:
+    return [
+        "Accuracies in %, with a 95% Wilson interval for one seed or mean ± std over seeds; n test images per "
+        "seed. Worst = correct on the clean image and under every adaptive attack of the threat model (the "
+        "attacks differentiate the defense's whole inference procedure); the detail tables below give every "
+        "attack, the paper protocol (attacks on the defense's surrogate, scored on the defense, as non-adaptive "
+        "papers did) and the other budgets.",
+        "",
+        f"- {RANK_RULE}",
+        f"- Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples (ns: inside "
+        "the noise, p ≥ 0.05).",
+        "- † marks a worst case over fewer attacks than other rows ran, which overstates it against them; ‡ marks "
+        "a row whose run lacks cells it was asked for (killed before they finished, or failed). Flags says which, "
+        "and names the sanity checks that warned or failed ([Sanity checks](#sanity-checks)).",
+        "",
+    ]
+
+
+def build(configs: list[Config], dataset: str, arch: str, preset: str, dest: Path, source: str, version: str,
+          stem: str, figure_dir: Path) -> Board:
+    """The tables, the header and the report plugins' sections of one leaderboard; figures go to `figure_dir`."""
+    main = main_table(configs)
+    details = detail_tables(configs, main.configs)
+    run0 = configs[0].runs[0].run
+    n = main.values["n (seeds)"].max() if len(main.frame) else 0
+    header = [f"# {dataset} / {arch} / preset `{preset}`", "",
+              f"- Regenerate: `bench leaderboard --out {source} --dest {dest}` (the command of every row is under "
+              f"[Reproduce](#reproduce), linked from its Run column).",
+              f"- Preset `{preset}`, data {dataset} (fingerprint {run0['config'].get('data', '?')}, "
+              f"{int(n) if n == n else 0} test images), code {version}, generated {dt.date.today().isoformat()}.",
+              ""] + reading_guide(main)
+    rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=figure_dir, stem=stem)
+    reports = eps_figure(rc)
+    for name in registry.names("report"):
+        try:
+            reports += registry.load("report", name)(rc) or []
+        except OSError:  # a full disk is not the report's fault
+            raise
+        except Exception as exc:  # one broken report plugin must not take everyone's leaderboard down
+            failure = f"{registry.who('report', name)} failed on {stem}: {registry.one_line(exc)}"
+            logging.getLogger("bench").warning("bench: warning: %s", failure)
+            reports += [f"## Report '{name}' failed", "", failure.replace("|", "/"), ""]
+    rows = {cfg.key: {"anchor": run_anchor(cfg), "name": row_name(cfg, configs), "params": params_text(cfg.params),
+                      "checks": "; ".join(check_summary(cfg, r) for r in cfg.runs)} for cfg in configs}
+    return Board(dataset, arch, preset, configs, main, details, header, reports, list(rc.figures), rows, RANK_RULE)
+
+
+def markdown(board: Board) -> str:
+    frame = board.main.markdown if board.main.markdown is not None else board.main.frame
+    text = board.header + [frame.to_markdown(index=False, disable_numparse=True), ""]
+    if board.details:
+        text += ["## Every attack, by threat model", "",
+                 "Rows in the leaderboard's order, only those attacked under the threat model.", ""]
+        for table in board.details:
+            text += [f"### {table.title}", "", table.frame.to_markdown(index=False, disable_numparse=True), ""]
+    text += board.reports
+    text += reproduce_section(board.configs, board.main.configs)
+    text += checks_section(board.configs, board.main.configs)
+    return "\n".join(text)
+
+
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
     written = []
     for (dataset, arch, preset), configs in sorted(groups.items()):
         stem = f"{dataset}-{arch}-{preset}"
-        labels, _, threats = attack_labels(configs)
-        if fmt == "csv":
-            path = dest / f"{stem}.csv"
-            pd.DataFrame([{**{k: v for k, v in numbers(c, threats, labels).items() if not isinstance(v, (dict, list))},
-                           **{f"acc_{k}": v for k, v in numbers(c, threats, labels)["attacks"].items()},
-                           **{f"worst_{k}": v for k, v in numbers(c, threats, labels)["worst_case"].items()},
-                           "params": params_text(c.params)} for c in configs]).pipe(_replace_file, path)
+        if fmt in ("csv", "json"):
+            records = cell_records(configs)
+            path = dest / f"{stem}.{fmt}"
+            if fmt == "csv":
+                frame = pd.DataFrame([{**r, "params": json.dumps(r["params"], sort_keys=True)} for r in records])
+                # counts stay integers where a missing cell has none (pandas would make the column float)
+                _replace_file(frame.astype({"n": "Int64", "correct": "Int64", "seed": "Int64"}), path)
+            else:
+                labels, _, threats = attack_labels(configs)
+                _replace_file(json.dumps({"cells": records, "models": [numbers(c, threats, labels) for c in configs]},
+                                         indent=1), path)
             written.append(path)
             continue
-        if fmt == "json":
-            path = dest / f"{stem}.json"
-            _replace_file(json.dumps([numbers(c, threats, labels) for c in configs], indent=1), path)
-            written.append(path)
+        if fmt == "md":
+            board = build(configs, dataset, arch, preset, dest, source, version, stem, figure_dir=dest)
+            path = dest / f"{stem}.md"
+            _replace_file(markdown(board), path)
+            written += [path, *board.figures]
             continue
-        path = dest / f"{stem}.md"
-        run0 = configs[0].runs[0].run
-        today = dt.date.today().isoformat()
-        n = main_table(configs)
-        text = [f"# {dataset} / {arch} / preset `{preset}`", "",
-                f"- Regenerate: `bench leaderboard --out {source} --dest {dest}` (the command of every row is in "
-                f"its Command column).",
-                f"- Preset `{preset}`, data {dataset} (fingerprint {run0['config'].get('data', '?')}, "
-                f"{n['n'].iloc[0] if len(n) else 0} test images), code {version}, generated {today}.", "",
-                "Accuracies in %, with a 95% Wilson interval for one seed or mean ± std over seeds. "
-                "Adaptive protocol (attacks differentiate the defense's whole inference procedure); columns "
-                "marked (paper) attack the defense's surrogate instead and are scored on the defense, as "
-                "non-adaptive papers did. Worst case = correct under every attack of the threat model (and "
-                f"clean); † marks a worst case over fewer attacks than other rows ran, which overstates it against "
-                "them; ‡ marks a row whose run lacks cells it was asked for (killed before they finished, or failed), "
-                f"named after the mark. Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples "
-                "(ns: inside the noise, p ≥ 0.05). Rank ties (=k): overlapping intervals.", "",
-                n.to_markdown(index=False, disable_numparse=True), ""]
-        rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=dest, stem=stem)
-        text += eps_figure(rc)
-        for name in registry.names("report"):
-            try:
-                text += registry.load("report", name)(rc) or []
-            except OSError:  # a full disk is not the report's fault
-                raise
-            except Exception as exc:  # one broken report plugin must not take everyone's leaderboard down
-                failure = f"{registry.who('report', name)} failed on {stem}: {registry.one_line(exc)}"
-                logging.getLogger("bench").warning("bench: warning: %s", failure)
-                text += [f"## Report '{name}' failed", "", failure.replace("|", "/"), ""]
-        text += checks_section(configs)
-        _replace_file("\n".join(text), path)
+        # the web page inlines its figures and the LaTeX file has none: they are drawn where nothing stays
+        with tempfile.TemporaryDirectory(prefix="bench-figures-") as scratch:
+            board = build(configs, dataset, arch, preset, dest, source, version, stem, figure_dir=Path(scratch))
+            if fmt == "latex":
+                path = dest / f"{stem}.tex"
+                _replace_file(latex.document(board), path)
+            else:
+                path = dest / f"{stem}.html"
+                _replace_file(webpage.page(board), path)
         written.append(path)
-        written += rc.figures
     return written
 
 

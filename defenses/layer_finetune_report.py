@@ -26,8 +26,10 @@ def report(rc) -> list[str]:
                      rc.accuracy(cfg, "clean")[0], rc.accuracy(cfg, "pgd10")[0]])
     split = next(iter(found.values())).runs[0].run["info"]["curve_split"]
     path = line_figure(rc.figure("finetune-curves"), [
-        {"title": f"clean accuracy ({split} split)", "xlabel": "epoch", "ylabel": "%", "series": clean},
-        {"title": f"PGD-10 accuracy ({split} split)", "xlabel": "epoch", "ylabel": "%", "series": robust}])
+        {"title": f"clean accuracy ({split} split)", "xlabel": "fine-tuning epoch", "ylabel": "accuracy (%)",
+         "series": clean},
+        {"title": f"PGD-10 accuracy ({split} split)", "xlabel": "fine-tuning epoch", "ylabel": "accuracy (%)",
+         "series": robust}])
     table = pd.DataFrame(rows, columns=["Defense", "Trained parameters", f"Clean ({split}) epoch 0 → last",
                                         f"PGD-10 ({split}) epoch 0 → last", "Clean (test)", "PGD-10 (test)"])
     return ["## Layer-type fine-tuning from the PGD-AT model (the seed paper's figures 1-2)", "",

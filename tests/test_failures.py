@@ -111,7 +111,7 @@ def test_failing_attacks_fail_only_their_cells_and_a_fixed_rerun_clears_them(fau
     board = tmp_path / "board"
     assert bench("leaderboard", "--out", out_dir, "--dest", board).code == 0
     (md,) = board.glob("*.md")
-    row = next(ln for ln in md.read_text().splitlines() if ln.startswith("|") and "pgd_at" in ln)
+    row = next(ln for ln in md.read_text().splitlines() if ln.startswith("| ") and "| pgd_at " in ln)
     assert "‡ incomplete: faulty_perturb failed, faulty_setup failed" in row
 
     monkeypatch.setenv("BENCH_FAULTY_FIXED", "1")  # the plugin is fixed: the re-run computes the failed cells
@@ -168,24 +168,38 @@ def test_a_run_missing_a_requested_cell_is_marked_incomplete_everywhere(bench, s
     board = tmp_path / "board"
     assert bench("leaderboard", "--out", out, "--dest", board).code == 0
     (md,) = board.glob("*.md")
-    rows = [ln for ln in md.read_text().splitlines() if ln.startswith("| ")]
-    header = [c.strip() for c in rows[0].strip("|").split("|")]
-    pgd_at = [c.strip() for c in next(r for r in rows if "| pgd_at " in r).strip("|").split("|")]
-    standard = next(r for r in rows if "| standard " in r)
-    worst = pgd_at[next(i for i, h in enumerate(header) if h.startswith("Worst ("))]
-    assert worst[0].isdigit() and worst.endswith("‡ incomplete: pgd10 missing")
-    assert "‡" not in standard
+    text = md.read_text()
+    main = "| Rank" + text.split("| Rank", 1)[1].split("\n\n", 1)[0]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in main.splitlines()]
+    header = rows[0]
+    pgd_at = next(r for r in rows if r[1] == "pgd_at")
+    standard = next(r for r in rows if r[1] == "standard")
+    worst = pgd_at[next(i for i, h in enumerate(header) if h.startswith("Worst "))]
+    assert worst[0].isdigit() and worst.endswith(" ‡")
+    assert "‡ incomplete: pgd10 missing" in pgd_at[header.index("Flags")]
+    assert "‡" not in "".join(standard)
+    detail = text.split("### L∞ ε=0.1, adaptive attacks", 1)[1].split("\n\n", 2)[1]
+    table = [[c.strip() for c in ln.strip("|").split("|")] for ln in detail.splitlines()]
+    row = next(r for r in table if r[0] == "pgd_at")
+    assert row[table[0].index("pgd10")] == "—" and row[table[0].index("Worst")].endswith("‡ incomplete: pgd10 missing")
 
     assert bench("leaderboard", "--out", out, "--dest", board, "--format", "csv").code == 0
-    frame = pd.read_csv(next(board.glob("*.csv"))).set_index("name")
-    assert frame.loc["pgd_at", "incomplete"] == "pgd10 missing"
-    assert frame.loc["standard", "incomplete"] != frame.loc["standard", "incomplete"]  # empty: NaN
+    frame = pd.read_csv(next(board.glob("*.csv")))
+    cells = frame.set_index(["defense", "cell", "protocol"])
+    assert cells.loc[("pgd_at", "pgd10", "adaptive"), "status"] == "missing"
+    assert cells.loc[("pgd_at", "pgd10", "adaptive"), "accuracy"] != cells.loc[("pgd_at", "pgd10", "adaptive"), "accuracy"]
+    assert cells.loc[("pgd_at", "worst:Linf eps=0.1", "adaptive"), "incomplete"] == "pgd10 missing"
+    standard_worst = cells.loc[("standard", "worst:Linf eps=0.1", "adaptive"), "incomplete"]
+    assert standard_worst != standard_worst  # empty: NaN
 
     assert bench("leaderboard", "--out", out, "--dest", board, "--format", "json").code == 0
-    entries = {e["name"]: e for e in json.loads(next(board.glob("*.json")).read_text())}
+    exported = json.loads(next(board.glob("*.json")).read_text())
+    entries = {e["name"]: e for e in exported["models"]}
     assert entries["pgd_at"]["missing_cells"] == [{"attack": "pgd10", "protocol": "adaptive", "threat": "Linf eps=0.1",
                                                    "error": None, "seed": 0}]
     assert entries["standard"]["incomplete"] == "" and entries["standard"]["missing_cells"] == []
+    missing = [c for c in exported["cells"] if c["status"] == "missing"]
+    assert [(c["defense"], c["cell"], c["accuracy"]) for c in missing] == [("pgd_at", "pgd10", None)]
 
 
 def test_ctrl_c_inside_a_plugin_is_still_an_interrupt_not_a_failure(faulty, bench, out_dir, monkeypatch):

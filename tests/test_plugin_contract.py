@@ -274,7 +274,8 @@ def test_minimal_plugin_runs_end_to_end(bench, out_dir, minimal_plugin):
     assert res.code == 0, res.err
     (board,) = (out_dir.parent / "boards").glob("*.md")
     text = board.read_text()
-    assert "Worst (L2 eps=0.5)" in text and "Worst (Linf eps=0.05)" in text and "Worst (L2 eps=0.25)" in text
+    assert "### L2 ε=0.5, adaptive attacks" in text and "### L∞ ε=0.05, adaptive attacks" in text
+    assert "### L2 ε=0.25, adaptive attacks" in text
     assert "outside the threat model" in text
 
 

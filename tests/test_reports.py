@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -114,7 +115,7 @@ def board(swept, tmp_path_factory):
 
     _, out = swept
     dest = tmp_path_factory.mktemp("lb")
-    for fmt in ("md", "csv", "json"):
+    for fmt in ("md", "csv", "json", "latex", "html"):
         try:
             main(["leaderboard", "--out", str(out), "--dest", str(dest), "--format", fmt])
         except SystemExit as exc:
@@ -162,20 +163,91 @@ def test_figures_exist_are_png_and_embedded(board):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({path.name})" in text
         assert path.stat().st_size > 5000
+    # the BN-output KDE says in its caption what it shows: measured distances, and why curves coincide
+    caption = text.split("](digits-tiny_cnn-smoke-bn-kde.png)", 1)[1].split("\n\n", 2)[1]
+    assert caption.startswith("*Two-sample Kolmogorov-Smirnov distance to the base's outputs: RiFT ")
+
+
+def test_figures_split_many_series_and_name_every_mark(tmp_path, monkeypatch):
+    """At most eight series per axes, each with its own colour and marker, and a legend entry for every
+    series and every mark."""
+    from bench import figures
+
+    drawn = []
+    save = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    series = {f"defense {i}": ([1, 2, 3], [i, i + 1, i + 2]) for i in range(11)}
+    path = figures.lines(tmp_path / "many.png", [{"title": "t", "xlabel": "x (unit)", "ylabel": "y (%)",
+                                                  "series": series, "marks": {"chosen x=2": 2}}])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["t (1/2)", "t (2/2)"]
+    shown = []
+    for ax in axes:
+        curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("chosen")]
+        assert len(curves) <= figures.MAX_SERIES
+        assert len({ln.get_color() for ln in curves}) == len(curves) and len({ln.get_marker() for ln in curves}) == len(curves)
+        legend = [txt.get_text() for txt in ax.get_legend().get_texts()]
+        assert legend == [ln.get_label() for ln in curves] + ["chosen x=2"]
+        assert ax.get_xlabel() == "x (unit)" and ax.get_ylabel() == "y (%)"
+        shown += legend[:-1]
+    assert shown == list(series)
 
 
 def test_csv_and_json_hold_numbers(board):
+    """One record per (run, cell): clean, every attack under each protocol, every worst case; numbers, not
+    strings; JSON adds RobustBench's model_info fields per configuration."""
     dest, _ = board
     import pandas as pd
 
     frame = pd.read_csv(dest / "digits-tiny_cnn-smoke.csv")
-    assert {"name", "clean_acc", "acc_pgd10", "config"} <= set(frame.columns)
-    assert frame["clean_acc"].dtype.kind == "f"
-    models = json.loads((dest / "digits-tiny_cnn-smoke.json").read_text())
-    pgd = next(m for m in models if m["name"] == "pgd_at")
+    assert {"defense", "params", "config", "run_id", "seed", "cell", "protocol", "threat", "eps", "n", "correct",
+            "accuracy", "ci_low", "ci_high", "status", "incomplete"} <= set(frame.columns)
+    assert frame["accuracy"].dtype.kind == "f" and frame["n"].dtype.kind == "i" and frame["eps"].dtype.kind == "f"
+    pgd = frame[frame["defense"] == "pgd_at"].set_index(["cell", "protocol"])
+    assert {("clean", "adaptive"), ("pgd10", "adaptive"), ("fgsm", "adaptive"), ("pgd10[eps=0.05]", "adaptive"),
+            ("worst:Linf eps=0.1", "adaptive"), ("worst:Linf eps=0.05", "adaptive")} <= set(pgd.index)
+    row = pgd.loc[("pgd10", "adaptive")]
+    assert row["accuracy"] == pytest.approx(100 * row["correct"] / row["n"], abs=1e-3) and row["eps"] == 0.1
+    assert row["ci_low"] < row["accuracy"] < row["ci_high"]
+    assert pgd.loc[("worst:Linf eps=0.1", "adaptive"), "accuracy"] <= min(
+        pgd.loc[("pgd10", "adaptive"), "accuracy"], pgd.loc[("fgsm", "adaptive"), "accuracy"])
+    shaped = frame[frame["defense"] == "norm_shaping"]
+    assert set(shaped["protocol"]) == {"adaptive", "paper"}
+
+    exported = json.loads((dest / "digits-tiny_cnn-smoke.json").read_text())
+    assert len(exported["cells"]) == len(frame)
+    cell = next(c for c in exported["cells"] if c["defense"] == "pgd_at" and c["cell"] == "pgd10")
+    assert isinstance(cell["accuracy"], float) and isinstance(cell["n"], int) and isinstance(cell["params"], dict)
+    pgd = next(m for m in exported["models"] if m["name"] == "pgd_at")
     assert isinstance(pgd["clean_acc"], float) and isinstance(pgd["eps"], float) and pgd["architecture"] == "tiny_cnn"
     assert pgd["dataset"] == "digits" and pgd["autoattack_acc"] is None
     assert set(pgd["attacks"]) >= {"pgd10", "fgsm"}
+
+
+def test_latex_has_the_main_and_family_tables_with_booktabs_rules(board):
+    dest, _ = board
+    tex = (dest / "digits-tiny_cnn-smoke.tex").read_text()
+    floats = tex.split("\\begin{table}")[1:]
+    assert len(floats) >= 6 and all("\\toprule" in f and "\\midrule" in f and "\\bottomrule" in f for f in floats)
+    main = floats[0]
+    assert "Rank & Defense & Clean & Worst L$\\infty$ $\\varepsilon$=0.1 & $\\Delta$ worst vs pgd\\_at" in main
+    rift = next(f for f in floats if "\\caption{RiFT top-k" in f)
+    assert "Base (PGD-AT) & --- &" in rift and "$\\Delta$ RiFT with BN & 1 &" in rift
+    assert "\\caption{Norm shaping" not in tex  # a heading above subsections is no caption: the grids are
+    assert "\\caption{Robust accuracy, adaptive attacks (worst case) (the slides' table IV layout)}" in tex
+    # every table's text is escaped: no bare underscore or percent sign outside a label
+    body = "\n".join(ln for ln in tex.splitlines() if not ln.startswith(("\\label", "%")))
+    assert not re.search(r"(?<!\\)[_%]", body)
+
+
+def test_html_page_is_written_with_its_figures_inline(board):
+    dest, text = board
+    page = (dest / "digits-tiny_cnn-smoke.html").read_text()
+    assert page.count("data:image/png;base64,") == text.count("![")  # every figure of the markdown, inlined
+    assert 'id="leaderboard"' in page and "RiFT top-k" in page and "Base (PGD-AT)" in page
+    assert not list(dest.glob("*.html.tmp")) and not list(dest.glob(".*tmp"))
 
 
 def test_header_says_how_to_regenerate(board):
@@ -189,7 +261,7 @@ def test_header_says_how_to_regenerate(board):
 def test_unknown_format(bench, swept, tmp_path):
     _, out = swept
     res = bench("leaderboard", "--out", out, "--dest", tmp_path, "--format", "xlsx")
-    assert res.code == 2 and "format must be md, csv or json" in res.err
+    assert res.code == 2 and "format must be one of md, html, latex, csv, json, got 'xlsx'" in res.err
 
 
 def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks(tmp_path):

@@ -159,12 +159,12 @@ def test_leaderboard_has_rows_deltas_hash_and_command(bench, out_dir, tmp_path):
     assert res.out.strip() == str(path)
     text = path.read_text()
     _, runs = _cells(out_dir)
-    main = text.split("| Rank", 1)[1].split("\n\n", 1)[0]  # the main table, not the checks tables below
+    main = text.split("| Rank", 1)[1].split("\n\n", 1)[0]  # the main table, not the detail tables below
     lines = [ln for ln in ("| Rank" + main).splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     col = {name: i for i, name in enumerate(header)}
-    assert {"Rank", "Clean", "pgd10", "fgsm", "Worst (Linf eps=0.1)", "Δ worst (Linf eps=0.1)", "Δ clean", "n",
-            "Config", "Command", "Flags"} <= set(col)
+    assert header == ["Rank", "Defense", "Clean", "Worst L∞ ε=0.1", "Δ worst vs pgd_at", "AutoAttack", "Flags",
+                      "n (seeds)", "Run"]
     rows = {r[col["Defense"]]: r for r in ([c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:])}
     assert set(rows) == {"pgd_at", "standard"}
     from bench.stats import mcnemar, wilson
@@ -178,31 +178,42 @@ def test_leaderboard_has_rows_deltas_hash_and_command(bench, out_dir, tmp_path):
         k = cells["clean"]["correct"]
         low, high = wilson(k, 128)
         assert row[col["Clean"]] == f"{100 * k / 128:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-        assert row[col["Config"]] == run["run_id"][:10]
-        assert row[col["Command"]] == f"`{run['command']}`"
-        assert row[col["n"]] == "128"
-    assert rows["pgd_at"][col["Δ clean"]] == "+0.0 (identical)"
-    test = mcnemar(flags["pgd_at"]["clean"]["flags"], flags["standard"]["clean"]["flags"])
-    assert rows["standard"][col["Δ clean"]].startswith(f"{100 * test.delta:+.1f} (")
-    assert f"{test.p_value:.2g}" in rows["standard"][col["Δ clean"]] or "ns" in rows["standard"][col["Δ clean"]]
-    # sorted by worst-case robust accuracy: PGD-AT above the undefended model, and ranked 1
+        assert row[col["Run"]] == f"[{run['run_id'][:10]}](#run-{run['run_id'][:10]})"
+        assert row[col["n (seeds)"]] == "128 (0)"
+        # the row's command, where its Run column links
+        assert f'<a id="run-{run["run_id"][:10]}"></a>`{run["run_id"][:10]}` {name}: `{run["command"]}`' in text
+    assert rows["pgd_at"][col["Δ worst vs pgd_at"]] == "+0.0 (identical)"
+    worst = {name: cells["clean"]["flags"] & cells["pgd10"]["flags"] & cells["fgsm"]["flags"] for name, cells in flags.items()}
+    test = mcnemar(worst["pgd_at"], worst["standard"])
+    assert rows["standard"][col["Δ worst vs pgd_at"]].startswith(f"{100 * test.delta:+.1f} (")
+    assert f"{test.p_value:.2g}" in rows["standard"][col["Δ worst vs pgd_at"]] or "ns" in rows["standard"][col["Δ worst vs pgd_at"]]
+    # sorted by worst-case robust accuracy: PGD-AT above the undefended model, and ranked 1; the undefended
+    # model, significantly below it, ranks 2
     assert text.index("| pgd_at") < text.index("| standard")
-    assert rows["pgd_at"][col["Rank"]] in ("1", "=1")
-    assert "## Sanity checks" in text
+    assert rows["pgd_at"][col["Rank"]] == "1" and (rows["standard"][col["Rank"]] == "2") == test.significant
+    # every attack is in the threat model's detail table
+    detail = text.split("### L∞ ε=0.1, adaptive attacks", 1)[1].split("\n\n", 2)[1]
+    assert detail.splitlines()[0].split("|")[1:4] == [" Defense   ", " pgd10             ", " fgsm              "]
+    assert "## Sanity checks" in text and "## Reproduce" in text
 
     # more attacks on one row: the other row's worst case is over fewer attacks, and says which; `shaping`
     # (plain PGD + APGD against a defense that is not batch-dependent) is not counted missing
     assert bench("run", "--preset", "smoke", "--defense", "standard", "--attacks", "cw_inf,shaping", "--out",
                  out_dir, "--quiet").code == 0
     assert bench("leaderboard", "--out", out_dir, "--dest", tmp_path / "lb").code == 0
-    main = "| Rank" + path.read_text().split("| Rank", 1)[1].split("\n\n", 1)[0]
+    text = path.read_text()
+    main = "| Rank" + text.split("| Rank", 1)[1].split("\n\n", 1)[0]
     lines = [[c.strip() for c in ln.split("|")[1:-1]] for ln in main.splitlines()]
     col = {name: i for i, name in enumerate(lines[0])}
     rows = {r[col["Defense"]]: r for r in lines[2:]}
-    assert "cw_inf" in col and "shaping" in col
-    worst = rows["pgd_at"][col["Worst (Linf eps=0.1)"]]
-    assert "† without cw_inf" in worst and "shaping" not in worst
-    assert "†" not in rows["standard"][col["Worst (Linf eps=0.1)"]]
+    assert rows["pgd_at"][col["Worst L∞ ε=0.1"]].endswith(" †") and "† without cw_inf" in rows["pgd_at"][col["Flags"]]
+    assert "shaping" not in rows["pgd_at"][col["Flags"]]
+    assert "†" not in rows["standard"][col["Worst L∞ ε=0.1"]] + rows["standard"][col["Flags"]]
+    detail = text.split("### L∞ ε=0.1, adaptive attacks", 1)[1].split("\n\n", 2)[1]
+    header = [c.strip() for c in detail.splitlines()[0].split("|")[1:-1]]
+    assert {"cw_inf", "shaping"} <= set(header)
+    pgd_at = next([c.strip() for c in ln.split("|")[1:-1]] for ln in detail.splitlines() if ln.startswith("| pgd_at"))
+    assert pgd_at[header.index("Worst")].endswith("† without cw_inf")
 
 
 def test_rerun_from_caches_keeps_the_build_time_of_the_run_that_computed_it(tmp_path):
