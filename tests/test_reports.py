@@ -275,7 +275,7 @@ def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks
 
     def cfg(defense, attacks, missing=()):
         flags = np.ones(8, bool)
-        cells = {(a, "adaptive"): {"threat": "Linf eps=0.1", "flags": flags.copy()} for a in attacks}
+        cells = {(a, "adaptive"): {"protocol": "adaptive", "threat": "Linf eps=0.1", "flags": flags.copy()} for a in attacks}
         lacking = [{"attack": a, "protocol": "adaptive", "threat": "Linf eps=0.1", "error": None} for a in missing]
         run = {"run_id": defense, "seed": 0, "batch_dependent": 0, "info": {}}
         return Config(defense, {}, [Run(run, flags.copy(), cells, [], lacking)])
