@@ -2,7 +2,7 @@
 version with EOT.
 
 pyautoattack re-batches survivors between its attacks and inside them; against a batch-dependent defense
-every call is rebuilt inside the evaluator's whole batch (bench.evaluate.BatchComposition), and the
+every call is rebuilt inside the evaluator's whole batch (bench.composition.BatchComposition), and the
 harness's verdict is one forward of the full adversarial batch, never AutoAttack's own bookkeeping.
 """
 

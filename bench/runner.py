@@ -24,7 +24,7 @@ from bench.contract import Attack, Defended, Defense
 from bench.params import resolve_params
 from bench.config import AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason, unknown
-from bench.evaluate import CellResult, attack_cell, clean_cell
+from bench.evaluator import CellResult, attack_cell, clean_cell
 from bench.stats import worst_case
 from bench.store import DB_NAME, Store, require_writable
 from bench.train import resolve_precision

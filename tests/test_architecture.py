@@ -65,7 +65,7 @@ def test_the_contract_sits_at_the_bottom_and_nothing_in_the_core_imports_the_pub
                 todo.append(nxt)
         return out
 
-    engine = {"runner", "evaluate", "checkpoints", "train", "config", "store", "leaderboard", "registry", "checks",
+    engine = {"runner", "evaluator", "checkpoints", "train", "config", "store", "leaderboard", "registry", "checks",
               "context", "cli", "sweep", "data", "models"}
     for module in ("params", "contract", "composition"):
         assert not below(module) & engine, f"bench.{module} imports the engine: {sorted(below(module) & engine)}"

@@ -14,7 +14,7 @@ from bench.api import Defended
 from bench.params import resolve_params
 from bench.errors import BenchError
 from bench.composition import BatchComposition
-from bench.evaluate import attack_cell
+from bench.evaluator import attack_cell
 from bench.registry import load
 
 DEVICE = torch.device("cpu")

@@ -12,7 +12,7 @@ from scipy import stats as sps
 from bench import checks, data, models, train
 from bench.api import Defended
 from bench.params import resolve_params
-from bench.evaluate import attack_cell
+from bench.evaluator import attack_cell
 from bench.registry import load
 from bench.stats import mcnemar, mean_std, wilson, worst_case
 from conftest import PLUGINS, bench_subprocess, make_distribution
