@@ -207,6 +207,7 @@ class RunConfig:
     checks: bool = True
     data_fingerprint: str = ""
     command: str = ""
+    save_adversarial: bool = False  # where results go, not what they are: outside the identity
 
     def identity(self) -> dict:
         """What determines the defended model and its clean/attack results (not where they are stored)."""
@@ -385,6 +386,23 @@ def _copy(value: Any) -> Any:
     return value
 
 
+# The preset field holding the budget of each norm: `--threat NORM:EPS` sets it.
+NORM_BUDGET = {"Linf": "eps", "L2": "eps_l2", "L1": "eps_l1"}
+
+
+def parse_threat(text: str) -> tuple[str, float]:
+    """'Linf:8/255' -> ('Linf', 0.0313...); 'L2:0.5' -> ('L2', 0.5). Norm names are matched case-blind."""
+    norm, sep, budget = str(text).partition(":")
+    names = {n.lower(): n for n in NORM_BUDGET}
+    if not sep or norm.strip().lower() not in names:
+        raise BenchError(f"threat must be NORM:EPS with NORM one of {', '.join(NORM_BUDGET)} (e.g. Linf:8/255), "
+                         f"got '{text}'")
+    norm = names[norm.strip().lower()]
+    eps = convert(norm, Param(None, "budget", kind=float, above=0, high=1 if norm == "Linf" else None),
+                  budget.strip(), what="threat budget")
+    return norm, eps
+
+
 RUN_ONLY, RUN_AND_CHECK = ("run",), ("run", "check")  # the commands that take a setting's option
 
 
@@ -442,6 +460,11 @@ SETTINGS: tuple[Setting, ...] = (
             read=_any_text, sweep=TOP_AND_CELL, pinned=True),  # empty: prepare says "no attacks given"
     Setting("attack_params", ATTACK_PARAMS, {}, ("--attack-param",), "Attack parameter, e.g. fgsm.eps=16/255.",
             metavar="ATTACK.KEY=VALUE", read=parse_attack_params, multiple=True),
+    Setting("threat", NAME, None, ("--threat",),
+            "Threat model of every attack, NORM:EPS (Linf:8/255, L2:0.5, L1:12): the preset's budget of that norm, "
+            "and each attack run under that norm; attacks of 'all'/'default' that cannot are left out "
+            "(default: each attack's own norm at the preset's budgets).", metavar="NORM:EPS",
+            sweep=TOP_AND_CELL),
     Setting("preset", NAME, DEFAULT_PRESET, ("--preset",), f"Scale: {', '.join(PRESETS)}.", RUN_AND_CHECK,
             show_default=True, sweep=TOP_AND_CELL, pinned=True),
     Setting("dataset", NAME, None, ("--dataset",), "digits, cifar10 or cifar100 (default: the preset's).",
@@ -470,6 +493,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quiet", None, False, ("--quiet", "-q"), "No progress bars or progress messages.", RUN_AND_CHECK,
             switch=True),
     Setting("checks", BOOL, True, ("--no-checks",), "Skip the sanity checks.", switch=True, sweep=TOP),
+    Setting("save_adversarial", BOOL, False, ("--save-adversarial",),
+            "Keep each attacked cell's adversarial examples (compressed .npz under OUT/adversarial/).", switch=True,
+            sweep=TOP),
 )
 SETTING = {s.name: s for s in SETTINGS}
 TOML_KEYS = {s.toml_key: s.kind for s in SETTINGS if s.kind is not None}

@@ -25,6 +25,7 @@ class CellResult:
     flags: np.ndarray  # per-sample: correct after the attack
     seconds: float
     extra: dict = field(default_factory=dict)
+    adversarial: torch.Tensor | None = None  # the attacked images, on the CPU, when asked to keep them
 
     @property
     def accuracy(self) -> float:
@@ -81,14 +82,16 @@ def _restore(watched: list, before: list, snapshots: list) -> list:
 
 
 def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size: int,
-                device: torch.device, protocol: str = "adaptive", progress=None, desc: str = "") -> CellResult:
-    """Attack every batch of `split` and score it; record budget and state violations in `extra`."""
+                device: torch.device, protocol: str = "adaptive", progress=None, desc: str = "",
+                keep: bool = False) -> CellResult:
+    """Attack every batch of `split` and score it; record budget and state violations in `extra`. With
+    `keep`, the adversarial images come back too (CellResult.adversarial)."""
     target = defended.surrogate if (protocol == "paper" and defended.surrogate is not None) else defended.model
     watched = [defended.model] + ([target] if target is not defended.model else [])
     before = [state.digest(m) for m in watched]
     snapshots = [(copy.deepcopy(m.state_dict()), state.modes(m)) for m in watched]
     start = time.perf_counter()
-    votes, linf, l2 = [], [], []
+    votes, linf, l2, kept = [], [], [], []
     repeats = RANDOMIZED_REPEATS if defended.randomized else 1
     outside = nonfinite = 0
     batches = split.batches(batch_size)
@@ -108,6 +111,8 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
             linf.append(n_inf.cpu())
             l2.append(n_2.cpu())
             votes.append(verdict(defended.model, x_adv, y, repeats))
+            if keep:
+                kept.append(x_adv.cpu())
     except BaseException:  # an attack that raises mid-way must not leave the model changed for the next cells
         _restore(watched, before, snapshots)
         raise
@@ -125,4 +130,4 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
     extra.update(attack.extra())
     flags, spread = _combine(votes)
     extra.update(spread)
-    return CellResult(flags, seconds, extra)
+    return CellResult(flags, seconds, extra, torch.cat(kept) if keep and kept else None)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench import checkpoints, checks, config as config_mod, data as data_mod, models, registry
@@ -120,6 +121,42 @@ def _declaring(declaration: str, keyword: str) -> list[str]:
     return sorted(chosen, key=lambda n: (classes[n].order, n))
 
 
+def attack_norms(cls: type) -> tuple[str, ...]:
+    """The norms an attack class attacks under: the choices of its `norm` parameter, else its fixed norm."""
+    spec = cls.PARAMS.get("norm")
+    if spec is not None:
+        return tuple(spec.choices) or (spec.default,)
+    return (cls.norm,)
+
+
+def _named(attacks: Any) -> set[str]:
+    """The attacks a user named, as opposed to those the keywords all/default brought in."""
+    return {parse_attack(i)[0] for i in split_attacks(attacks) if i not in ("all", "default")}
+
+
+def under_threat(items: list[tuple[str, dict]], classes: dict[str, type], norm: str,
+                 explicit: set[str]) -> list[tuple[str, dict]]:
+    """The attack items run under `norm`: each given that norm where it takes it as a parameter; an attack
+    that cannot attack under it is left out when a keyword brought it in, and refused when named."""
+    out = []
+    for name, inline in items:
+        cls = classes[name]
+        norms = attack_norms(cls)
+        if norm not in norms:
+            if name in explicit:
+                raise BenchError(f"attack '{name}' attacks under {', '.join(norms)}, not the threat model's {norm}")
+            log.info("--threat %s: %s left out (it attacks under %s)", norm, name, ", ".join(norms))
+            continue
+        if "norm" in inline and inline["norm"] != norm:
+            raise BenchError(f"attack '{name}' is given norm={inline['norm']} but the threat model is {norm}")
+        if "norm" in cls.PARAMS and cls.PARAMS["norm"].default != norm:
+            inline = {**inline, "norm": norm}
+        out.append((name, inline))
+    if not out:
+        raise BenchError(f"none of the attacks given attacks under {norm}")
+    return out
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +207,15 @@ def prepare(req: Request) -> Prepared:
         if name not in attack_classes:
             raise BenchError(f"--attack-param names attack '{name}', which is not among --attacks "
                              f"({', '.join(names)})")
+    sets = dict(req.sets)
+    threat = config_mod.parse_threat(req.threat) if req.threat else None
+    if threat is not None:
+        norm, eps = threat
+        items = under_threat(items, attack_classes, norm, explicit=_named(req.attacks))
+        budget_field = config_mod.NORM_BUDGET[norm]
+        if budget_field in sets:
+            raise BenchError(f"--threat {req.threat} sets the preset's {budget_field}: do not --set it as well")
+        sets[budget_field] = eps
     preset = config_mod.get_preset(req.preset)
     dataset = req.dataset or preset.dataset
     if dataset not in data_mod.DATASETS:
@@ -178,7 +224,7 @@ def prepare(req: Request) -> Prepared:
     plugin_params = {k: (f"attack '{n}'", f"--attack-param {n}.", f"attack_params.{n}.")
                      for n, c in attack_classes.items() for k in c.PARAMS}
     plugin_params.update({k: (f"defense '{req.defense}'", "--param ", "params.") for k in defense_cls.PARAMS})
-    preset = config_mod.override_preset(preset, req.sets, plugin_params)
+    preset = config_mod.override_preset(preset, sets, plugin_params)
     preset = config_mod.concrete(preset, data_mod.DATASETS[dataset])
     arch = req.arch or preset.arch
     if arch not in models.ARCHS:
@@ -194,6 +240,10 @@ def prepare(req: Request) -> Prepared:
         cls = attack_classes[name]
         given = {**req.attack_params.get(name, {}), **inline}
         full = resolve_params(f"attack '{name}'", cls.PARAMS, given, preset)
+        if threat is not None and "eps" in cls.PARAMS and "eps" not in given and full["eps"] != threat[1]:
+            # an attack whose budget does not follow the preset's: the threat model still decides it
+            given["eps"] = threat[1]
+            full = resolve_params(f"attack '{name}'", cls.PARAMS, given, preset)
         user = {k: full[k] for k in given}
         attack = cls(**full)
         attack.validate(data_mod.DATASETS[dataset])
@@ -220,7 +270,7 @@ def prepare(req: Request) -> Prepared:
                     preset=preset, dataset=dataset, arch=arch, seed=req.seed, data_dir=req.data_dir,
                     device=str(device), precision=precision, protocol=req.protocol, out=str(out),
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
-                    command=req.command)
+                    command=req.command, save_adversarial=bool(req.save_adversarial))
     return Prepared(cfg, defense, attacks, data, device)
 
 
@@ -455,7 +505,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         try:
             attack.setup(ctx, target)
             res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
-                                          protocol=protocol, progress=ctx.progress, desc=spec.label)
+                                          protocol=protocol, progress=ctx.progress, desc=spec.label,
+                                          keep=cfg.save_adversarial)
         except Exception as exc:  # (a fault of the environment or the user still ends the command)
             if not _plugin_fault(exc):
                 raise
@@ -467,6 +518,28 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
                        seconds=res.seconds, extra=res.extra)
         log.info("%s (%s): %.2f%% of %d (%.1fs)", spec.label, protocol, 100 * res.accuracy, len(res.flags),
                  res.seconds)
+        if res.adversarial is not None:
+            save_adversarial(Path(cfg.out), run_id, spec.label, protocol, res, test.y)
+
+
+ADVERSARIAL = "adversarial"
+
+
+def adversarial_path(out: Path, run_id: str, label: str, protocol: str) -> Path:
+    """Where `--save-adversarial` keeps a cell's images: OUT/adversarial/<run id>/<label>.<protocol>.npz."""
+    safe = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", label)
+    return Path(out) / ADVERSARIAL / run_id[:16] / f"{safe}.{protocol}.npz"
+
+
+def save_adversarial(out: Path, run_id: str, label: str, protocol: str, res: CellResult, y: torch.Tensor) -> None:
+    """The cell's adversarial images (float32, exactly as attacked), labels and per-sample verdicts, in one
+    compressed npz written under a temporary name and renamed, so a file that exists is complete."""
+    path = adversarial_path(out, run_id, label, protocol)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, x_adv=res.adversarial.float().numpy(), y=y.cpu().numpy(), correct=res.flags,
+                        attack=np.array(label), protocol=np.array(protocol))
+    os.replace(tmp, path)
 
 
 def check_attacks() -> list[str]:
