@@ -55,13 +55,18 @@ def document(board) -> str:
                         f"interval or mean ± std over seeds). {board.rank_rule}", f"tab:{stem}-leaderboard"), ""]
     for t in board.details:
         out += [table(t.frame, f"{t.title}: accuracy in %.", f"tab:{stem}-{t.anchor}"), ""]
-    heading, seen = "", {}
+    heading, paragraph, seen = "", "", {}
     for block in markdown_reader.blocks(board.reports):
         if block.kind == "heading":
-            heading = block.text
+            heading, paragraph = block.text, ""
+        elif block.kind == "paragraph":
+            paragraph = block.text
         elif block.kind == "table":
             slug = _slug(heading)
             seen[slug] = seen.get(slug, 0) + 1
             label = f"tab:{stem}-{slug}" + (f"-{seen[slug]}" if seen[slug] > 1 else "")
-            out += [table(block.frame, heading or "Table", label), ""]
+            # the text that introduces a table tells it apart from another under the same heading
+            caption = ". ".join(p.rstrip(":. ") for p in (heading or "Table", paragraph) if p) + "."
+            out += [table(block.frame, caption, label), ""]
+            paragraph = ""
     return "\n".join(out)

@@ -236,10 +236,31 @@ def test_latex_has_the_main_and_family_tables_with_booktabs_rules(board):
     rift = next(f for f in floats if "\\caption{RiFT top-k" in f)
     assert "Base (PGD-AT) & --- &" in rift and "$\\Delta$ RiFT with BN & 1 &" in rift
     assert "\\caption{Norm shaping" not in tex  # a heading above subsections is no caption: the grids are
-    assert "\\caption{Robust accuracy, adaptive attacks (worst case) (the slides' table IV layout)}" in tex
+    assert "\\caption{Robust accuracy, adaptive attacks (worst case) (the slides' table IV layout).}" in tex
     # every table's text is escaped: no bare underscore or percent sign outside a label
     body = "\n".join(ln for ln in tex.splitlines() if not ln.startswith(("\\label", "%")))
     assert not re.search(r"(?<!\\)[_%]", body)
+    captions = re.findall(r"\\caption\{(.*)\}", tex)
+    assert len(captions) == len(floats) == len(set(captions))  # two tables under one heading: told apart
+
+
+def test_latex_compiles_with_pdflatex(board, tmp_path):
+    """The export is \\input into a paper: pdflatex (Debian's texlive, installed by .ci/run) must typeset it
+    without an error or an overfull line."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex is not installed (.ci/run installs texlive-latex-recommended)")
+    dest, _ = board
+    shutil.copy(dest / "digits-tiny_cnn-smoke.tex", tmp_path / "board.tex")
+    (tmp_path / "paper.tex").write_text(
+        "\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+        "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n\\input{board}\n\\end{document}\n")
+    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert (tmp_path / "paper.pdf").stat().st_size > 0 and "Overfull" not in res.stdout
 
 
 def test_html_page_is_written_with_its_figures_inline(board):
