@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bench import latex, registry, webpage
-from bench.errors import BenchError, os_reason, require_safe_name
+from bench.errors import BenchError, file_safe, os_reason, require_safe_name
 from bench.params import exact_text
 from bench.stats import intervals_overlap, mcnemar, mean_std, wilson, worst_case
 from bench.store import Store, require_writable
@@ -618,8 +618,10 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
     groups: dict[tuple, list[Config]] = defaultdict(list)
     for cfg in load(store):
         run = cfg.runs[0].run
-        # file names are made of these: a hostile database must not name a path outside dest
-        key = tuple(require_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
+        # file names are made of these: a hostile database must not name a path outside dest (a model named by
+        # import path, pkg.module:factory, is made safe first)
+        key = tuple(require_safe_name(file_safe(run[k]) if k == "arch" and isinstance(run[k], str) else run[k],
+                                      f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
         groups[key].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")
