@@ -413,7 +413,7 @@ class Setting:
     name: str  # the Request field, and the click option's destination
     kind: tuple | None  # (what an error calls it, the test a TOML value passes); None: not in TOML files
     default: Any  # a table default ({}) is copied for each request
-    flags: tuple[str, ...] = ()  # the CLI option ("--data-dir") and its short form; (): not on the CLI
+    flags: tuple[str, ...] = ()  # the CLI option ("--data-dir") and its aliases or short form; (): not on the CLI
     help: str = ""
     commands: tuple[str, ...] = RUN_ONLY
     show_default: bool = False  # help ends with "[default: ...]"
@@ -441,7 +441,7 @@ class Setting:
             return bool(given), not self.default
         if given is None or given == ():
             return False, None
-        return True, self.read(given, self.flags[0])
+        return True, self.read(given, "/".join(self.flags))  # aliases (--model/--arch) are named together
 
 
 TOP, CELL = ("top",), ("cell",)

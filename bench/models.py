@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.errors import BenchError, did_you_mean, unknown
+from bench.errors import BenchError, did_you_mean, file_safe, unknown
 
 
 class Normalize(nn.Module):
@@ -270,6 +270,16 @@ def _imported(path: str) -> Callable:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+INSTANCE_NAME = re.compile(r"[\w.<>]+@[0-9a-f]{16}")  # what register_instance returns
+
+
+def file_label(name: str) -> str:
+    """A model name as a file-name part (leaderboard and cache files): an import path or an instance name
+    made safe (`errors.file_safe`); any other name as it is, for the caller to check (a hostile results
+    database must still be refused, not renamed)."""
+    return file_safe(name) if is_import_path(name) or INSTANCE_NAME.fullmatch(name) else name
 
 
 def _module_of(name: str) -> str:
