@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +30,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no cross-process locking
     fcntl = None
 
-from bench import models
-from bench.config import derived_seed, stable_hash, to_json
-from bench.errors import BenchError
+from bench.config import derived_seed, model_identity, stable_hash, to_json
+from bench.errors import BenchError, file_safe
 from bench.train import (Clean, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy, autocast_factory, fgsm_rs,
                          preset_spec, robust_accuracy, train)
 
@@ -139,19 +139,31 @@ def load(path: Path, *, require_digest: bool) -> dict:
         raise BenchError(f"checkpoint {path} has no {sidecar.name}; delete it to retrain")
     try:  # the bytes just checked, not the file again
         obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses any object but tensors and plain data
+        what = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise BenchError(f"checkpoint {path} holds Python objects other than tensors and plain data, which are "
+                         f"never unpickled (code could run); save model.state_dict() instead"
+                         + (f" ({what[:160]})" if what else "")) from None
     except Exception as exc:
         raise BenchError(f"checkpoint {path} is corrupt or not a PyTorch state dict "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     state, meta = None, {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        state, meta = obj["state_dict"], obj.get("meta")
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        state = obj["model"]
-    elif isinstance(obj, dict):
-        state = obj
+    if isinstance(obj, dict):
+        # a training script's usual containers: {"state_dict": ...} (ours adds "meta"), {"model": ...},
+        # {"net": ...}; else the dict is the state dict itself
+        holder = next((k for k in STATE_KEYS if isinstance(obj.get(k), dict)), None)
+        state = obj[holder] if holder else obj
+        meta = obj.get("meta") if holder == "state_dict" else {}
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise BenchError(f"checkpoint {path} holds no state dict (parameter names mapped to tensors)")
+        found = f"; it holds the keys {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, dict) and obj else ""
+        raise BenchError(f"checkpoint {path} holds no state dict (parameter names mapped to tensors, alone or "
+                         f"under {', '.join(STATE_KEYS)}){found}")
     return {"state_dict": state, "meta": meta if isinstance(meta, dict) else {}}
+
+
+STATE_KEYS = ("state_dict", "model", "net")  # where training scripts put the state dict in a checkpoint
+# Prefixes wrappers add to every key: DataParallel / DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @contextlib.contextmanager
@@ -164,11 +176,16 @@ def training_lock(path: Path, log, what: str):
 
 
 def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: str) -> None:
+    """Load a checkpoint (from `load`) into `model`, refusing one made for another model or dataset, one whose
+    keys or shapes do not match (named: missing, unexpected, other shape), and non-finite weights."""
     meta = ckpt["meta"]
     for key, want in (("arch", arch), ("dataset", dataset)):
         if meta.get(key) not in (None, want):
             raise BenchError(f"checkpoint {source} is for {key} '{meta[key]}', this run uses '{want}'")
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    state = dict(ckpt["state_dict"])
+    for prefix in WRAPPER_PREFIXES:  # only when every key has it: a model may own a submodule called "module"
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -176,18 +193,21 @@ def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: 
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            parts.append(f"{len(missing)} missing ({_some(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            parts.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
         if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs "
-                         f"{tuple(own[k].shape)})")
-        raise BenchError(f"checkpoint {source} does not fit {arch}: " + ", ".join(parts))
+            parts.append(f"{len(shapes)} of another shape (" + _some(
+                [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes], 3) + ")")
+        raise BenchError(f"checkpoint {source} does not fit {arch}: " + "; ".join(parts))
     bad = first_nonfinite(state)
     if bad is not None:  # such a model answers at random, which would read as a defense's randomness
         raise BenchError(f"checkpoint {source} holds non-finite weights (NaN or inf in {bad})")
     model.load_state_dict(state)
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", and {len(items) - n} more" if len(items) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,19 +241,21 @@ def base_identity(ctx, recipe: str) -> dict:
     # the crafting mode is implied by the recipe name, which is part of the identity
     budget["objective"] = {k: v for k, v in vars(obj).items() if k not in ("generator", "craft_in_eval")}
     # training never reads the test split: evaluating more or fewer test images reuses the same base
-    return {"dataset": ctx.data.name, "data": ctx.data.train_fingerprint, "arch": ctx.arch, "recipe": recipe,
+    return {"dataset": ctx.data.name, "data": ctx.data.train_fingerprint,
+            **model_identity(ctx.arch, getattr(ctx, "model_source", ""), getattr(ctx, "normalize", None)),
+            "recipe": recipe,
             "budget": budget, "eps": ctx.preset.eps, "alpha": ctx.preset.alpha, "seed": ctx.seed,
             "precision": ctx.precision, "n_val_robust": ctx.preset.n_val_robust}
 
 
 def base_path(ctx, recipe: str) -> Path:
     key = stable_hash(base_identity(ctx, recipe))[:16]
-    return ctx.cache_dir / "base" / f"{ctx.data.name}-{ctx.arch}-{recipe}-s{ctx.seed}-{key}.pt"
+    return ctx.cache_dir / "base" / f"{ctx.data.name}-{file_safe(ctx.arch)}-{recipe}-s{ctx.seed}-{key}.pt"
 
 
 def base_model(ctx, recipe: str) -> nn.Module:
     """The base model of `recipe`: a user checkpoint, the cache, or trained now and cached."""
-    model = models.build_model(ctx.arch, ctx.data.spec).to(ctx.device)
+    model = ctx.build_model()
     if recipe in ctx.base_checkpoints:
         path = ctx.base_checkpoints[recipe]
         load_into(model, load(path, require_digest=False), str(path), arch=ctx.arch, dataset=ctx.data.name)
@@ -262,7 +284,7 @@ def _cached_once(path: Path, log, what: str, cache_hit: Callable[[], Any], train
 def _train_base(ctx, recipe: str, path: Path) -> nn.Module:
     ctx.log.info("base %s: training (%s)", recipe, path.name)
     torch.manual_seed(derived_seed(ctx.seed, recipe, "init"))
-    model = models.build_model(ctx.arch, ctx.data.spec).to(ctx.device)
+    model = ctx.build_model()
     obj, spec, _ = recipe_plan(recipe, ctx)
     autocast = autocast_factory(ctx.precision, ctx.device)
     val_robust = ctx.data.val.subset(slice(0, ctx.preset.n_val_robust))

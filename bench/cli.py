@@ -35,8 +35,8 @@ def cli() -> None:
 @cli.command("list")
 @click.option("--verbose", "-v", is_flag=True, help="Also show every parameter and its default.")
 def list_cmd(verbose: bool) -> None:
-    """Every registered defense and attack, with a one-line description."""
-    for kind, title in (("defense", "Defenses"), ("attack", "Attacks")):
+    """Every registered defense, attack and model, with a one-line description."""
+    for kind, title in (("defense", "Defenses"), ("attack", "Attacks"), ("model", "Models")):
         table = registry.providers(kind)
         loaded, broken = registry.load_all(kind)
         click.echo(f"{title}:")
@@ -47,12 +47,22 @@ def list_cmd(verbose: bool) -> None:
                 continue
             cls = loaded[name]
             default = " [default]" if kind == "attack" and cls.in_default else ""  # run without --attacks
-            click.echo(f"  {name:<{width}}  {cls.describe()}{default}")
+            click.echo(f"  {name:<{width}}  {_describe(cls)}{default}")
             if verbose:
                 click.echo(f"  {'':<{width}}  provided by {table[name]}")
-                for pname, spec in cls.PARAMS.items():
+                for pname, spec in getattr(cls, "PARAMS", {}).items():  # (a model factory has none)
                     click.echo(f"  {'':<{width}}    {pname}: {spec.describe()}")
+        if kind == "model":
+            click.echo("  (or your own: --model pkg.module:function, see README 'Evaluate your own model')")
         click.echo("")
+
+
+def _describe(obj) -> str:
+    """A plugin class's description, or the first line of a (model factory) function's docstring."""
+    if hasattr(obj, "describe"):
+        return obj.describe()
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return doc[0].strip() if doc else ""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +241,7 @@ def check_cmd(**opts) -> None:
     except runner.PluginFailed as exc:
         click.echo(exc.failure.line(), err=True)
         sys.exit(1)
-    click.echo(f"checks of {req.defense} on the first {min(n, len(prep.data.test))} test images")
+    click.echo(f"checks of {prep.config.defense} on the first {min(n, len(prep.data.test))} test images")
     click.echo(tabulate([[r.name, r.status, r.detail] for r in results], headers=["check", "status", "detail"],
                         maxcolwidths=[None, None, 90]))
     if any(r.status == "fail" for r in results):

@@ -77,7 +77,8 @@ LIMITS: dict[str, dict] = {
 }
 # Fields that name the preset and its defaults: chosen by their own options, so the stored run always says
 # what ran (a `--set dataset=` would be stored while the data came from the preset's dataset).
-NOT_SET = {"name": "--preset", "dataset": "--dataset (TOML: dataset = ...)", "arch": "--arch (TOML: arch = ...)"}
+NOT_SET = {"name": "--preset", "dataset": "--dataset (TOML: dataset = ...)",
+           "arch": "--model or --arch (TOML: arch = ...)"}
 
 
 PRESETS: dict[str, Preset] = {
@@ -188,6 +189,17 @@ class AttackSpec:
         return self.name + "[" + ",".join(f"{k}={exact_text(v)}" for k, v in self.params) + "]"
 
 
+def model_identity(arch: str, model_source: str = "", normalize: tuple | None = None) -> dict:
+    """What names the network in a run's (and a cached base model's) identity: its model name and, only when
+    they apply, its factory's source digest and the input normalisation put in front of it (so identities,
+    and run ids, of runs with neither stay as they were)."""
+    out: dict[str, Any] = {"arch": arch}
+    if model_source:
+        out["model_source"] = model_source
+    if normalize is not None:
+        out["normalize"] = [list(normalize[0]), list(normalize[1])]
+    return out
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -208,12 +220,15 @@ class RunConfig:
     data_fingerprint: str = ""
     command: str = ""
     save_adversarial: bool = False  # where results go, not what they are: outside the identity
+    normalize: tuple | None = None  # (means, stds) put in front of the model (--normalize), or None
+    model_source: str = ""  # sha256 of the model factory's source file, for a model from outside bnbench
 
     def identity(self) -> dict:
         """What determines the defended model and its clean/attack results (not where they are stored)."""
         return {
             "defense": self.defense, "params": [list(p) for p in self.params],
-            "preset": dataclasses.asdict(self.preset), "dataset": self.dataset, "arch": self.arch,
+            "preset": dataclasses.asdict(self.preset), "dataset": self.dataset,
+            **model_identity(self.arch, self.model_source, self.normalize),
             "seed": self.seed, "precision": self.precision, "data": self.data_fingerprint,
             "base_checkpoints": [[r, s] for r, _, s in self.base_checkpoints],
         }
@@ -416,7 +431,7 @@ class Setting:
     name: str  # the Request field, and the click option's destination
     kind: tuple | None  # (what an error calls it, the test a TOML value passes); None: not in TOML files
     default: Any  # a table default ({}) is copied for each request
-    flags: tuple[str, ...] = ()  # the CLI option ("--data-dir") and its short form; (): not on the CLI
+    flags: tuple[str, ...] = ()  # the CLI option ("--data-dir") and its aliases or short form; (): not on the CLI
     help: str = ""
     commands: tuple[str, ...] = RUN_ONLY
     show_default: bool = False  # help ends with "[default: ...]"
@@ -444,7 +459,7 @@ class Setting:
             return bool(given), not self.default
         if given is None or given == ():
             return False, None
-        return True, self.read(given, self.flags[0])
+        return True, self.read(given, "/".join(self.flags))  # aliases (--model/--arch) are named together
 
 
 TOP, CELL = ("top",), ("cell",)
@@ -471,8 +486,15 @@ SETTINGS: tuple[Setting, ...] = (
             RUN_AND_CHECK, sweep=TOP_AND_CELL),
     Setting("data_dir", NAME, None, ("--data-dir",), "Directory holding cifar-*-python/ (or empty, to download).",
             RUN_AND_CHECK, sweep=TOP_AND_CELL),
-    Setting("arch", NAME, None, ("--arch",), "Architecture (default: the preset's).", RUN_AND_CHECK,
-            sweep=TOP_AND_CELL),
+    # --model and --arch are one setting (TOML key `arch`): a model is named as an architecture is
+    Setting("arch", NAME, None, ("--model", "--arch"),
+            "Model: a name from `bench list` or your factory as pkg.module:function (default: the preset's "
+            "architecture). Without --defense, the model is evaluated as it is (defense as_is).", RUN_AND_CHECK,
+            metavar="NAME|PKG.MODULE:FACTORY", sweep=TOP_AND_CELL),
+    Setting("normalize", NAME, None, ("--normalize",),
+            "Input normalisation put in front of the model, for one trained on normalised inputs (attacks stay "
+            "in [0,1]): none, MEAN,STD for every channel, C means then C stds, or a dataset name.",
+            RUN_AND_CHECK, metavar="MEAN,STD", sweep=TOP_AND_CELL),
     Setting("device", NAME, "auto", ("--device",), "cpu, cuda or auto.", RUN_AND_CHECK, show_default=True,
             sweep=TOP),
     Setting("seed", SEED, 0, ("--seed",), "Run seed.", RUN_AND_CHECK, show_default=True,
@@ -486,8 +508,9 @@ SETTINGS: tuple[Setting, ...] = (
             sweep=TOP),
     Setting("sets", SETS, {}, ("--set",), "Override a preset number.", RUN_AND_CHECK, metavar="FIELD=VALUE",
             read=parse_assignments, multiple=True, key="set", sweep=TOP_AND_CELL),
-    Setting("base_checkpoints", CHECKPOINTS, {}, ("--base-checkpoint",),
-            "Use this checkpoint as a base model instead of training one (recipe default pgd_at).", RUN_AND_CHECK,
+    Setting("base_checkpoints", CHECKPOINTS, {}, ("--checkpoint", "--base-checkpoint"),
+            "Weights for the model: the base model of RECIPE instead of training one (default pgd_at), or what "
+            "as_is evaluates. A state dict, alone or under state_dict/model/net.", RUN_AND_CHECK,
             metavar="[RECIPE=]PATH", read=_checkpoints, multiple=True, key="base_checkpoint",
             from_toml=lambda v: {"pgd_at": v} if isinstance(v, str) else dict(v)),
     Setting("quiet", None, False, ("--quiet", "-q"), "No progress bars or progress messages.", RUN_AND_CHECK,

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from bench import checkpoints
-from bench.config import training_scope
+from bench import checkpoints, models
+from bench.config import model_identity, training_scope
 from bench.errors import BenchError
 
 
@@ -22,9 +22,12 @@ class Context:
 
     def __init__(self, *, data, arch: str, device: torch.device, seed: int, preset, cache_dir: Path,
                  precision: str = "fp32", quiet: bool = False, base_checkpoints: dict | None = None,
-                 log: logging.Logger | None = None, scope: dict | None = None) -> None:
+                 log: logging.Logger | None = None, scope: dict | None = None, normalize: tuple | None = None,
+                 model_source: str = "") -> None:
         self.data = data
-        self.arch = arch
+        self.arch = arch  # the model name: a built-in architecture, an entry point or pkg.module:factory
+        self.normalize = normalize  # (means, stds) in front of the model (--normalize), or None
+        self.model_source = model_source
         self.device = torch.device(device)
         self.seed = seed
         self.preset = preset
@@ -37,7 +40,7 @@ class Context:
         # not the test images, unless the defense reads them (split("test")).
         if scope is None:
             scope = training_scope({
-                "arch": arch, "seed": seed, "precision": precision,
+                **model_identity(arch, model_source, normalize), "seed": seed, "precision": precision,
                 "preset": dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else str(preset),
                 "base_checkpoints": sorted(self.base_checkpoints.items())}, getattr(data, "train_fingerprint", ""))
         self.scope = scope
@@ -52,6 +55,11 @@ class Context:
         if which == "val":
             return self.data.val
         raise BenchError(f"split must be 'val' or 'test', got '{which}'")
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh network of the run's model (`--model`, with `--normalize` in front) for its data, on the
+        run's device. Untrained: for the trained one, `base(recipe)`."""
+        return models.build_model(self.arch, self.data.spec, self.normalize).to(self.device)
 
     def base(self, recipe: str = "pgd_at") -> torch.nn.Module:
         """The cached base model trained with `recipe` (trained on first use), in eval mode."""

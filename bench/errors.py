@@ -45,3 +45,16 @@ def require_safe_name(value: object, what: str) -> str:
         raise BenchError(f"{what} {value!r} is not a safe file name (letters, digits, '_', '.', '-'; "
                          f"no leading '.' or '-', at most 100 characters)")
     return value
+
+
+def file_safe(value: str) -> str:
+    """`value` as a safe file-name part (SAFE_NAME): itself when it is one, else its unsafe characters as
+    '_' plus a digest of the whole, so two values never share a file ('pkg.mod:factory' ->
+    'pkg.mod_factory-1a2b3c4d')."""
+    if SAFE_NAME.fullmatch(value):
+        return value
+    import hashlib
+
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", value).lstrip(".-")[:90] or "_"
+    return f"{stem}-{digest}"

@@ -27,14 +27,24 @@ def module_kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of every batch-norm layer, in definition order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
+def bn_modules(model: nn.Module, needed_by: str = "") -> list[tuple[str, nn.Module]]:
+    """(path, module) of every batch-norm layer, in definition order. `needed_by` (e.g. "ft_bn") makes a model
+    without any (a user's model) a clear error naming what needs them."""
+    return _required([(n, m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)], needed_by,
+                     "batch-norm layers (BatchNorm1d/2d/3d)")
 
 
-def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear layers in definition order (stem, shortcuts and classifier included)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]
+def weight_modules(model: nn.Module, needed_by: str = "") -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear layers in definition order (stem, shortcuts and classifier included); `needed_by`
+    as for `bn_modules`."""
+    return _required([(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)], needed_by,
+                     "Conv2d or Linear layers")
+
+
+def _required(found: list, needed_by: str, what: str) -> list:
+    if needed_by and not found:
+        raise BenchError(f"{needed_by} needs {what}, and this model has none")
+    return found
 
 
 def module_at(model: nn.Module, path: str) -> nn.Module:

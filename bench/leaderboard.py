@@ -26,6 +26,7 @@ import pandas as pd
 
 from bench import latex, registry, webpage
 from bench.errors import BenchError, os_reason, require_safe_name
+from bench.models import file_label
 from bench.params import exact_text
 from bench.stats import intervals_overlap, mcnemar, mean_std, wilson, worst_case
 from bench.store import Store, require_writable
@@ -618,9 +619,12 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
     groups: dict[tuple, list[Config]] = defaultdict(list)
     for cfg in load(store):
         run = cfg.runs[0].run
-        # file names are made of these: a hostile database must not name a path outside dest
-        key = tuple(require_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
-        groups[key].append(cfg)
+        # file names are made of these: a hostile database must not name a path outside dest (a model named by
+        # import path, pkg.module:factory, is made safe first)
+        for k in KEY:
+            require_safe_name(file_label(run[k]) if k == "arch" and isinstance(run[k], str) else run[k],
+                              f"results database {store.path}: run {run['run_id'][:10]}: {k}")
+        groups[tuple(run[k] for k in KEY)].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")
     try:
@@ -725,7 +729,7 @@ def markdown(board: Board) -> str:
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
     written = []
     for (dataset, arch, preset), configs in sorted(groups.items()):
-        stem = f"{dataset}-{arch}-{preset}"
+        stem = f"{dataset}-{file_label(arch)}-{preset}"
         if fmt in ("csv", "json"):
             records = cell_records(configs)
             path = dest / f"{stem}.{fmt}"

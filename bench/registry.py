@@ -9,7 +9,7 @@ from bench.config import PRESETS
 from bench.contract import Attack, Defense
 from bench.errors import BenchError, did_you_mean, unknown
 
-GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports"}
+GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports", "model": "bench.models"}
 BASES = {"defense": Defense, "attack": Attack}
 
 
@@ -53,7 +53,8 @@ def _dist_name(ep: EntryPoint) -> str:
 
 
 def load(kind: str, name: str) -> type:
-    """The plugin class registered as `name`, with a did-you-mean error for unknown names."""
+    """The plugin class (a report's or a model's function) registered as `name`, with a did-you-mean error
+    for unknown names."""
     table = providers(kind)
     if name not in table:
         raise unknown(kind, name, table)
@@ -66,9 +67,9 @@ def load(kind: str, name: str) -> type:
     except Exception as exc:  # a broken third-party plugin must not look like our crash
         reason = one_line(exc)
         raise PluginLoadError(f"could not load {kind} '{name}' from {prov}: {reason}", reason) from exc
-    if kind == "report":
+    if kind in ("report", "model"):  # functions: a report (context) -> ..., a model factory (num_classes, spec)
         if not callable(obj):
-            raise PluginLoadError(f"report '{name}' ({prov}) is not callable", "not callable")
+            raise PluginLoadError(f"{kind} '{name}' ({prov}) is not callable", "not callable")
         return obj
     if not (isinstance(obj, type) and issubclass(obj, BASES[kind])):
         reason = f"not a subclass of bench.api.{BASES[kind].__name__}"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bench import checkpoints, checks, config as config_mod, data as data_mod, models, registry
+from bench.as_is import AsIs
 from bench.context import Context
 from bench.contract import Attack, Defended, Defense
 from bench.params import resolve_params
@@ -195,11 +196,14 @@ def _load_data(dataset: str, data_dir: str | None, n_train, n_val, n_test) -> da
 
 
 def prepare(req: Request) -> Prepared:
-    if not req.defense:
-        raise BenchError("no defense given (use --defense NAME; `bench list` shows them)")
+    # a model given without a defense is evaluated as it is
+    defense_name = req.defense or ("as_is" if req.arch else None)
+    if not defense_name:
+        raise BenchError("no defense given (use --defense NAME, `bench list` shows them; or --model NAME "
+                         "--checkpoint PATH to evaluate a model as it is)")
     if req.protocol not in ("adaptive", "paper"):
         raise BenchError(f"protocol must be adaptive or paper, got '{req.protocol}'")
-    defense_cls = registry.load("defense", req.defense)
+    defense_cls = registry.load("defense", defense_name)
     items = [parse_attack(i) for i in attack_items(req.attacks)]
     names = list(dict.fromkeys(n for n, _ in items))
     attack_classes = {n: registry.load("attack", n) for n in names}
@@ -223,17 +227,17 @@ def prepare(req: Request) -> Prepared:
     # `--set` of a parameter of this run's defense or attacks is a slip: say which option sets it
     plugin_params = {k: (f"attack '{n}'", f"--attack-param {n}.", f"attack_params.{n}.")
                      for n, c in attack_classes.items() for k in c.PARAMS}
-    plugin_params.update({k: (f"defense '{req.defense}'", "--param ", "params.") for k in defense_cls.PARAMS})
+    plugin_params.update({k: (f"defense '{defense_name}'", "--param ", "params.") for k in defense_cls.PARAMS})
     preset = config_mod.override_preset(preset, sets, plugin_params)
     preset = config_mod.concrete(preset, data_mod.DATASETS[dataset])
     arch = req.arch or preset.arch
-    if arch not in models.ARCHS:
-        raise unknown("architecture", arch, models.ARCHS)
+    model_source = models.source_digest(arch)  # imports the model's module: a bad name or path fails here
+    normalize = models.parse_normalize(req.normalize, data_mod.DATASETS[dataset].channels, data_mod.DATASETS)
     device = resolve_device(req.device)
     precision = resolve_precision(req.precision, device)
     config_mod.validate_seed(req.seed)
 
-    params = resolve_params(f"defense '{req.defense}'", defense_cls.PARAMS, req.params, preset)
+    params = resolve_params(f"defense '{defense_name}'", defense_cls.PARAMS, req.params, preset)
     defense = defense_cls(**params)
     attacks, labels = [], set()
     for name, inline in items:
@@ -256,21 +260,28 @@ def prepare(req: Request) -> Prepared:
     out = require_writable(req.out)
     data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
                       preset.n_test)
+    if req.base_checkpoints or not models.is_builtin(arch):
+        # the user's factory runs and its model answers a batch as a classifier of this data, or we say why
+        probe = models.build_model(arch, data.spec, normalize)
+        if not models.is_builtin(arch):
+            models.check_outputs(probe, arch, data.spec)
     bases = []
     for recipe, path in sorted(req.base_checkpoints.items()):
         if recipe not in checkpoints.RECIPES:
-            raise BenchError(f"--base-checkpoint names unknown recipe '{recipe}'; "
+            raise BenchError(f"--checkpoint names unknown recipe '{recipe}'; "
                              f"choose from: {', '.join(checkpoints.RECIPES)}")
-        probe = models.build_model(arch, data.spec)
         checkpoints.load_into(probe, checkpoints.load(Path(path), require_digest=False), path, arch=arch,
                               dataset=dataset)
         bases.append((recipe, str(Path(path).resolve()), checkpoints.file_sha256(Path(path))))
+    if defense_cls is AsIs:  # (the core's own defense) what it cannot serve is refused before anything runs
+        AsIs.checkpoint_recipe(arch, req.base_checkpoints, params["recipe"])
 
-    cfg = RunConfig(defense=req.defense, params=tuple(sorted(params.items())), attacks=tuple(a for a, _ in attacks),
+    cfg = RunConfig(defense=defense_name, params=tuple(sorted(params.items())), attacks=tuple(a for a, _ in attacks),
                     preset=preset, dataset=dataset, arch=arch, seed=req.seed, data_dir=req.data_dir,
                     device=str(device), precision=precision, protocol=req.protocol, out=str(out),
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
-                    command=req.command, save_adversarial=bool(req.save_adversarial))
+                    command=req.command, normalize=normalize, model_source=model_source,
+                    save_adversarial=bool(req.save_adversarial))
     return Prepared(cfg, defense, attacks, data, device)
 
 
@@ -413,7 +424,8 @@ def _context(prep: Prepared, quiet: bool) -> Context:
     return Context(data=prep.data, arch=cfg.arch, device=prep.device, seed=cfg.seed, preset=cfg.preset,
                    cache_dir=Path(cfg.out) / "cache", precision=cfg.precision, quiet=quiet,
                    base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log,
-                   scope=config_mod.training_scope(cfg.identity(), prep.data.train_fingerprint))
+                   scope=config_mod.training_scope(cfg.identity(), prep.data.train_fingerprint),
+                   normalize=cfg.normalize, model_source=cfg.model_source)
 
 
 def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:

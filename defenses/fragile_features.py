@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from bench.api import (Context, Defended, Defense, PGDAdversarial, Param, accuracy, autocast_factory, bn_modules,
-                       build_model, derived_seed, pgd, preset_spec, robust_accuracy, train, weight_modules)
+                       derived_seed, pgd, preset_spec, robust_accuracy, train, weight_modules)
 
 
 EXTRA = Param((), "also train: logits (the last Linear), conv1 (the first conv)", kind=tuple, item=str,
@@ -49,6 +49,7 @@ class BNStats(Defense):
             history = []
             pre = ctx.preset
             gen = ctx.generator("bn_stats:pgd")
+            bn_modules(model, self.name or "bn_stats")  # a model without BN has no statistics to re-estimate
             for step in ctx.progress(range(self.params.passes), desc="bn_stats"):
                 crafter = copy.deepcopy(model).eval()  # the statistics of the previous pass craft this one's
                 for _, m in bn_modules(model):
@@ -85,7 +86,7 @@ class _BNAdversarialTraining(Defense):
     def build(self, ctx: Context) -> Defended:
         p, pre = self.params, ctx.preset
         model = self.initial(ctx)
-        trainable = [q for _, m in bn_modules(model) for q in m.parameters(recurse=False)]
+        trainable = [q for _, m in bn_modules(model, self.name or self.start) for q in m.parameters(recurse=False)]
         trainable += _extra_parameters(model, p.extra)
         autocast = autocast_factory(ctx.precision, ctx.device)
         val_robust = ctx.data.val.subset(slice(0, pre.n_val_robust))
@@ -126,4 +127,4 @@ class AdvBNOnly(_BNAdversarialTraining):
 
     def initial(self, ctx: Context) -> nn.Module:
         torch.manual_seed(derived_seed(ctx.seed, "adv_bn_only", "init"))
-        return build_model(ctx.arch, ctx.data.spec).to(ctx.device)
+        return ctx.build_model()

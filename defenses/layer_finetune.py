@@ -67,7 +67,7 @@ class FTBN(_LayerTypeFT):
     group = "bn"
 
     def groups(self, model):
-        return [q for _, m in bn_modules(model) for q in m.parameters(recurse=False)], []
+        return [q for _, m in bn_modules(model, self.name or "ft_bn") for q in m.parameters(recurse=False)], []
 
 
 class FTConv(_LayerTypeFT):
@@ -76,7 +76,7 @@ class FTConv(_LayerTypeFT):
     group = "conv"
 
     def groups(self, model):
-        return ([q for _, m in weight_modules(model) for q in m.parameters(recurse=False)],
+        return ([q for _, m in weight_modules(model, self.name or "ft_conv") for q in m.parameters(recurse=False)],
                 [m for _, m in bn_modules(model)])
 
 

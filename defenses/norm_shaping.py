@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.api import (Context, Defended, Defense, Objective, Param, TRADES, batch_statistics, build_model,
+from bench.api import (Context, Defended, Defense, Objective, Param, TRADES, batch_statistics, bn_modules,
                        derived_seed, pgd, preset_spec, trades_attack, train)
 
 
@@ -110,7 +110,8 @@ class NormShaping(Defense):
     def build(self, ctx: Context) -> Defended:
         p, pre = self.params, ctx.preset
         torch.manual_seed(derived_seed(ctx.seed, "norm_shaping", "init"))
-        net = build_model(ctx.arch, ctx.data.spec).to(ctx.device)
+        net = ctx.build_model()
+        bn_modules(net, self.name or "norm_shaping")  # it shapes BN's batch statistics: a model needs some
 
         def run() -> dict:
             spec = preset_spec(pre, epochs=p.epochs, lr=p.lr, select="last")

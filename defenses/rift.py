@@ -126,6 +126,9 @@ class RiFT(Defense):
         fixed adversarial set is crafted only when some candidate's MRC is not cached yet."""
         p = self.params
         cands = self.candidates(base)
+        if not cands:
+            raise BenchError(f"{self.name or 'rift'}: the model has no {'/'.join(self.candidate_kinds)} modules to "
+                             f"choose from")
         adversarial = {}
 
         def fixed_set():

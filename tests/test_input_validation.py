@@ -26,7 +26,7 @@ BAD_RUN = {
     "n_val_robust above n_val": (["--set", "n_val=50"], "n_val_robust (100) must be <= n_val (50)"),
     "n_train leaves one image": (["--set", "n_train=101"], "1 training image(s) left after n_val=100"),
     "set dataset": (["--set", "dataset=cifar10"], "'dataset' is not set with --set or [set]: use --dataset"),
-    "set arch": (["--set", "arch=small_cnn"], "use --arch"),
+    "set arch": (["--set", "arch=small_cnn"], "use --model or --arch"),
     "set name": (["--set", "name=x"], "'name' is not set with --set or [set]: use --preset"),
     "epochs_pgd_at zero": (["--set", "epochs_pgd_at=0"], "preset field 'epochs_pgd_at' must be >= 1"),
     "epochs_standard zero": (["--set", "epochs_standard=0"], "preset field 'epochs_standard' must be >= 1"),
@@ -50,7 +50,7 @@ BAD_RUN = {
     "device cuda:x": (["--device", "cuda:x"], "device must be cpu, cuda, cuda:N or auto"),
     "device empty": (["--device", ""], "--device must not be empty"),
     "dataset empty": (["--dataset", ""], "--dataset must not be empty"),
-    "arch empty": (["--arch", ""], "--arch must not be empty"),
+    "arch empty": (["--arch", ""], "--model/--arch must not be empty"),
     "data-dir empty": (["--data-dir", ""], "--data-dir must not be empty"),
     "precision": (["--precision", "fp16"], "precision must be auto, bf16 or fp32"),
     "protocol": (["--protocol", "both"], "protocol must be adaptive or paper"),
@@ -62,7 +62,7 @@ BAD_RUN = {
     "n_train beyond the data": (["--set", "n_train=100000"], "n_train=100000 but the digits training set has 1258 images"),
     "config empty": (["--config", ""], "--config must not be empty"),
     "seeds empty": (["--seeds", ""], "--seeds expects comma-separated integers"),
-    "base-checkpoint without a file": (["--base-checkpoint", "pgd_at="], "--base-checkpoint 'pgd_at=' names no file"),
+    "base-checkpoint without a file": (["--base-checkpoint", "pgd_at="], "--checkpoint/--base-checkpoint 'pgd_at=' names no file"),
 }
 
 

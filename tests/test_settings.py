@@ -18,6 +18,7 @@ SAMPLES = {
     "dataset": (["--dataset", "digits"], 'dataset = "digits"', "digits"),
     "data_dir": (["--data-dir", "/d"], 'data_dir = "/d"', "/d"),
     "arch": (["--arch", "tiny_cnn"], 'arch = "tiny_cnn"', "tiny_cnn"),
+    "normalize": (["--normalize", "0.5,0.25"], 'normalize = "0.5,0.25"', "0.5,0.25"),
     "device": (["--device", "cpu"], 'device = "cpu"', "cpu"),
     "seed": (["--seed", "3"], "seed = 3", 3),
     "out": (["--out", "/o"], 'out = "/o"', "/o"),

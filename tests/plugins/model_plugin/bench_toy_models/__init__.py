@@ -1,0 +1,1 @@
+"""Models defined only here (not in bnbench): see nets.py."""
