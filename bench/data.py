@@ -35,9 +35,10 @@ class DatasetSpec:
     flip: bool
     mean: tuple
     std: tuple
-    # standard L1 budget: 12 on CIFAR (AutoAttack's L1 / APGD-L1, Croce & Hein 2021). Digits (64 values,
-    # budgets larger than CIFAR's relative to the image: L-inf 0.2, L2 1) take 2: two of the 64 pixels
-    # changed fully, at the same eighth of the L-inf ball's L1 extent as CIFAR's 12 (of 3072 x 8/255 = 96).
+    # standard L1 budget: 12 on CIFAR (AutoAttack's L1 / APGD-L1, Croce & Hein 2021), an eighth of the L-inf
+    # ball's L1 extent (3072 x 8/255 = 96). Digits take 2: two of the 64 pixels changed fully, about a sixth
+    # of their L-inf ball's extent (64 x 0.2 = 12.8), their budgets being a little larger than CIFAR's
+    # relative to the image in every norm (L2 1 vs 0.5).
     eps_l1: float = 12.0
 
 
