@@ -168,7 +168,7 @@ def budget(cells: list[dict]) -> CheckResult:
     if bad:
         return CheckResult("budget", "fail", "adversarial examples outside the budget or [0,1]: " + "; ".join(bad),
                            "⚠ outside the threat model")
-    return CheckResult("budget", "pass", f"every example within its (norm, eps) + 1e-6 and [0,1] in {len(cells)} cells")
+    return CheckResult("budget", "pass", f"every example within its (norm, eps) + 1e-6 (relative above 1) and [0,1] in {len(cells)} cells")
 
 
 def declarations(by_name: dict[str, dict]) -> dict[str, type]:

@@ -9,7 +9,22 @@ import torch
 
 from bench.projected_gradient import best_of, better, ce_loss
 
-BUDGET_TOL = 1e-6  # how far outside its budget an adversarial example may lie (float rounding)
+BUDGET_TOL = 1e-6  # how far outside its budget an adversarial example may lie (float rounding), relative
+# to budgets above 1 (an L1 norm sums thousands of float32 terms: its rounding grows with the budget)
+NORMS = ("Linf", "L2", "L1")  # the threat models an attack may declare
+
+
+def perturbation_size(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per sample, the `norm` of a batch of perturbations."""
+    flat = delta.flatten(1)
+    if norm == "Linf":
+        return flat.abs().amax(1)
+    return flat.norm(dim=1) if norm == "L2" else flat.abs().sum(1)
+
+
+def inside_budget(size: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per sample: is a perturbation of this size within the budget eps (up to float rounding)?"""
+    return size <= eps + BUDGET_TOL * max(1.0, eps)
 
 
 class BatchComposition(torch.nn.Module):
@@ -61,9 +76,8 @@ class BatchComposition(torch.nn.Module):
         rows = out[idx]
         with torch.no_grad():
             wrong, loss = rows.argmax(1) != self.y[idx], ce_loss(rows.detach(), self.y[idx])
-            delta = (x.detach() - self.anchor[idx]).flatten(1)
-            size = delta.abs().amax(1) if self.norm == "Linf" else delta.norm(dim=1)
-            inside = (size <= self.eps + BUDGET_TOL) & (x.detach().flatten(1).amin(1) >= 0) & \
+            size = perturbation_size(x.detach() - self.anchor[idx], self.norm)
+            inside = inside_budget(size, self.eps) & (x.detach().flatten(1).amin(1) >= 0) & \
                 (x.detach().flatten(1).amax(1) <= 1)
             take = better(wrong, loss, self.best_wrong[idx], self.best_loss[idx]) & inside
             chosen = idx[take]

@@ -38,6 +38,7 @@ class Preset:
     # threat model
     eps: float | None = None  # L-inf budget
     eps_l2: float | None = None
+    eps_l1: float | None = None
     alpha: float | None = None  # PGD step; None: eps / 4 (2/255 at 8/255)
     pgd_steps: int = 10  # PGD steps of adversarial training and validation
     # base training (ctx.base)
@@ -64,12 +65,13 @@ class Preset:
 
 # The valid values of every field a user may set (`--set`, TOML `set`), as bench.params.Param bounds: low/high
 # inclusive, above exclusive, choices. What depends on the dataset or on another field is checked by
-# `concrete`: crop_pad below the image size, n_val_robust <= n_val, eps_l2 within the image cube's diameter.
+# `concrete`: crop_pad below the image size, n_val_robust <= n_val, eps_l2 and eps_l1 within the image cube's
+# diameter.
 LIMITS: dict[str, dict] = {
     "n_train": dict(low=2), "n_val": dict(low=1),  # no validation images: no checkpoint can be selected
     "n_test": dict(low=1), "batch_size": dict(low=2),  # a training batch of one image is skipped (train-mode BN)
     "eval_batch_size": dict(low=1), "crop_pad": dict(low=0), "flip": {},
-    "eps": dict(above=0, high=1), "eps_l2": dict(above=0), "alpha": dict(above=0, high=1), "pgd_steps": dict(low=1),
+    "eps": dict(above=0, high=1), "eps_l2": dict(above=0), "eps_l1": dict(above=0), "alpha": dict(above=0, high=1), "pgd_steps": dict(low=1),
     "epochs_standard": dict(low=1), "epochs_pgd_at": dict(low=1), "epochs_trades": dict(low=1),
     "epochs_fgsm_rs": dict(low=1), "lr": dict(above=0), "lr_fgsm_rs": dict(above=0),
     "schedule": dict(choices=("step", "cosine")), "momentum": dict(low=0, high=1), "weight_decay": dict(low=0),
@@ -121,15 +123,17 @@ def concrete(preset: Preset, spec) -> Preset:
     eps = preset.eps if preset.eps is not None else spec.eps
     out = replace(preset, eps=eps,
                   eps_l2=preset.eps_l2 if preset.eps_l2 is not None else spec.eps_l2,
+                  eps_l1=preset.eps_l1 if preset.eps_l1 is not None else spec.eps_l1,
                   alpha=preset.alpha if preset.alpha is not None else eps / 4,
                   crop_pad=preset.crop_pad if preset.crop_pad is not None else spec.crop_pad,
                   flip=preset.flip if preset.flip is not None else spec.flip)
     if out.crop_pad >= spec.size:  # reflect padding needs a pad smaller than the image
         raise BenchError(f"crop_pad must be < {spec.size} (the image size of this dataset), got {out.crop_pad}")
-    diameter = math.sqrt(spec.channels * spec.size * spec.size)
-    if out.eps_l2 > diameter:
-        raise BenchError(f"eps_l2 must be <= {diameter:.4g} (the L2 diameter of this dataset's image cube: a "
-                         f"larger ball holds every image), got {out.eps_l2}")
+    dims = spec.channels * spec.size * spec.size
+    for name, diameter in (("eps_l2", math.sqrt(dims)), ("eps_l1", float(dims))):
+        if getattr(out, name) > diameter:
+            raise BenchError(f"{name} must be <= {diameter:.4g} (the {name[4:].upper()} diameter of this dataset's "
+                             f"image cube: a larger ball holds every image), got {getattr(out, name)}")
     if out.n_val_robust > out.n_val:
         raise BenchError(f"n_val_robust ({out.n_val_robust}) must be <= n_val ({out.n_val}): only validation "
                          f"images are attacked to select checkpoints; set both")
@@ -222,12 +226,13 @@ class RunConfig:
     save_adversarial: bool = False  # where results go, not what they are: outside the identity
     normalize: tuple | None = None  # (means, stds) put in front of the model (--normalize), or None
     model_source: str = ""  # sha256 of the model factory's source file, for a model from outside bnbench
+    meta: tuple = ()  # sorted (field, value) pairs of --meta: stored with the run, not part of its identity
 
     def identity(self) -> dict:
         """What determines the defended model and its clean/attack results (not where they are stored)."""
         return {
             "defense": self.defense, "params": [list(p) for p in self.params],
-            "preset": dataclasses.asdict(self.preset), "dataset": self.dataset,
+            "preset": preset_identity(self.preset, self.dataset), "dataset": self.dataset,
             **model_identity(self.arch, self.model_source, self.normalize),
             "seed": self.seed, "precision": self.precision, "data": self.data_fingerprint,
             "base_checkpoints": [[r, s] for r, _, s in self.base_checkpoints],
@@ -236,6 +241,23 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         return run_id_of(self.identity())
+
+
+# Preset fields added after results were stored. At the dataset's standard value a run's identity leaves them
+# out, so that a run keeps the id (and the cached trainings) it had before the field existed; set to another
+# value, they are part of it.
+ADDED_FIELDS = ("eps_l1",)
+
+
+def preset_identity(preset: Preset, dataset: str) -> dict:
+    from bench import data  # (the dataset's standard budgets)
+
+    out = dataclasses.asdict(preset)
+    spec = data.DATASETS.get(dataset)
+    for name in ADDED_FIELDS:
+        if spec is not None and out[name] == getattr(spec, name, None):
+            del out[name]
+    return out
 
 
 def run_id_of(identity: dict) -> str:
@@ -341,6 +363,28 @@ CELLS = ("a list of tables ([[cells]])", _list_of(lambda v: isinstance(v, dict))
 
 # ----------------------------------------------------------------------------------------------------
 # Run settings, each declared once (SETTINGS, below).
+
+
+# The model-card fields of the RobustBench export a run's --meta gives: they describe the defense, not what
+# ran, so they are not part of the run's identity. `reported:L2` applies to the L2 record only.
+META_FIELDS = ("link", "authors", "venue", "reported", "footnote", "additional_data")
+# The key of a stored run's info that holds what the harness records beside the defense's own info: the
+# defense's declared forward passes per prediction and the --meta fields.
+RUN_INFO = "bench"
+
+
+def validate_meta(meta: dict) -> tuple:
+    """--meta's pairs, sorted, each field known (and its norm, given as FIELD:NORM)."""
+    from bench.composition import NORMS
+
+    for key in meta:
+        name, colon, norm = key.partition(":")
+        if name not in META_FIELDS:
+            raise BenchError(f"--meta has no field '{name}'{did_you_mean(name, META_FIELDS)}; "
+                             f"its fields: {', '.join(META_FIELDS)}")
+        if colon and norm not in NORMS:
+            raise BenchError(f"--meta {key}: the threat model must be one of {', '.join(NORMS)}, got '{norm}'")
+    return tuple(sorted((k, str(v)) for k, v in meta.items()))
 
 
 def parse_assignments(items, what: str) -> dict[str, str]:
@@ -516,9 +560,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quiet", None, False, ("--quiet", "-q"), "No progress bars or progress messages.", RUN_AND_CHECK,
             switch=True),
     Setting("checks", BOOL, True, ("--no-checks",), "Skip the sanity checks.", switch=True, sweep=TOP),
-    Setting("save_adversarial", BOOL, False, ("--save-adversarial",),
-            "Keep each attacked cell's adversarial examples (compressed .npz under OUT/adversarial/).", switch=True,
-            sweep=TOP),
+            "preset": preset_identity(self.preset, self.dataset), "dataset": self.dataset,
+            **model_identity(self.arch, self.model_source, self.normalize),
 )
 SETTING = {s.name: s for s in SETTINGS}
 TOML_KEYS = {s.toml_key: s.kind for s in SETTINGS if s.kind is not None}

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.composition import composed
+from bench.composition import NORMS, composed
 from bench.errors import BenchError
 from bench.params import Param, ParamValues, _accepted, _keyword_params, _known_names, convert, exact_text, resolve_params
 
@@ -66,7 +66,8 @@ class _Plugin(metaclass=_PluginType):
         # self.params already holds every parameter (see _PluginType); these are values a subclass
         # passes on, possibly changed
         _known_names(self._owner(), self.PARAMS, params)
-        self.params.update({k: convert(k, self.PARAMS[k], v) for k, v in params.items()})
+        values = {**self.params, **params}
+        self.params.update({k: convert(k, self.PARAMS[k].case(values), v) for k, v in params.items()})
 
     def _settle(self) -> None:
         """Check what __init__ set; called once it has returned."""
@@ -94,6 +95,9 @@ class Defended:
     batch_dependent: bool = False  # True: predictions depend on the batch (e.g. norm shaping)
     randomized: bool = False  # True: forward passes are stochastic (use EOT attacks)
     info: dict = field(default_factory=dict)  # selected layers, MRC table, alpha, curves: stored, reported
+    # forward passes of the network per prediction, RobustBench's number_forward_passes (an ensemble of 3, or
+    # a prediction that runs extra images beside each test image, declares its count)
+    forward_passes: int = 1
 
 
 class Defense(_Plugin):
@@ -117,7 +121,7 @@ class Attack(_Plugin):
     """
 
     _kind: ClassVar[str] = "attack"
-    norm: str = "Linf"  # "Linf" or "L2"
+    norm: str = "Linf"  # one of NORMS
     # eps: float -- the budget, stored in params["eps"]; a class attribute `eps = 0.5`, an assignment
     # `self.eps = ...` in __init__ and a PARAMS entry all declare it, and each makes it a parameter.
 
@@ -129,7 +133,7 @@ class Attack(_Plugin):
             # A plain class attribute would hide the property below: it becomes the default of the
             # parameter `eps` instead, as if declared in PARAMS.
             spec = cls.PARAMS.get("eps") or Param(value, "budget")
-            spec = dataclasses.replace(spec, default=value, preset=None, per_preset=None)
+            spec = dataclasses.replace(spec, default=value, preset=None, per_preset=None, follows=None, cases=None)
             cls.PARAMS = {**cls.PARAMS, "eps": spec}
             delattr(cls, "eps")
         spec = cls.PARAMS.get("eps")
@@ -150,8 +154,8 @@ class Attack(_Plugin):
     def _settle(self) -> None:
         if "norm" in self.params and "norm" not in self.__dict__:
             self.norm = self.params["norm"]
-        if self.norm not in ("Linf", "L2"):
-            raise BenchError(f"{self._owner()}: attack norm must be Linf or L2, got {self.norm!r}")
+        if self.norm not in NORMS:
+            raise BenchError(f"{self._owner()}: attack norm must be {', '.join(NORMS)}, got {self.norm!r}")
         if "norm" in self.params:
             self.params["norm"] = self.norm
         if type(self).eps is not Attack.eps:  # a subclass's own property derives it
@@ -253,3 +257,22 @@ def _budget(owner: str, value: Any) -> float:
     if not ok:
         raise BenchError(f"{owner}: eps must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+# The standard budget of each norm, and the preset field that scales it per dataset (bench.config.Preset).
+STANDARD_BUDGETS = {"Linf": (8 / 255, "eps"), "L2": (0.5, "eps_l2"), "L1": (12.0, "eps_l1")}
+
+
+def threat_params(norms: tuple[str, ...] = NORMS, help: str = "") -> dict[str, Param]:
+    """The parameters `norm` and `eps` of an attack that runs under several threat models
+    (`PARAMS = {**threat_params(("Linf", "L2")), ...}`): the budget's default follows the norm -- the
+    preset's eps, eps_l2 or eps_l1 (the dataset's standard), else 8/255, 0.5 or 12."""
+    first = norms[0]
+
+    def case(norm: str) -> dict:
+        default, field_name = STANDARD_BUDGETS[norm]
+        return dict(default=default, preset=field_name, high=1 if norm == "Linf" else None)
+
+    return {"norm": Param(first, help or "threat model", choices=tuple(norms)),
+            "eps": Param(**case(first), above=0, help="budget (default: the preset's for the norm)",
+                         follows="norm", cases={n: case(n) for n in norms if n != first})}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench import state
-from bench.composition import BUDGET_TOL
+from bench.composition import BUDGET_TOL, inside_budget, perturbation_size
 from bench.contract import Attack, Defended
 from bench.data import Split
 
@@ -65,9 +65,9 @@ def clean_cell(defended: Defended, split: Split, batch_size: int, device: torch.
     return CellResult(flags, time.perf_counter() - start, extra)
 
 
-def perturbation_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = delta.flatten(1)
-    return flat.abs().amax(1), flat.norm(dim=1)
+def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sample, the perturbation's size in every norm (stored with each cell, whatever its own norm)."""
+    return {norm: perturbation_size(delta, norm) for norm in ("Linf", "L2", "L1")}
 
 
 def _restore(watched: list, before: list, snapshots: list) -> list:
@@ -91,7 +91,7 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
     before = [state.digest(m) for m in watched]
     snapshots = [(copy.deepcopy(m.state_dict()), state.modes(m)) for m in watched]
     start = time.perf_counter()
-    votes, linf, l2, kept = [], [], [], []
+    votes, sizes, kept = [], [], []
     repeats = RANDOMIZED_REPEATS if defended.randomized else 1
     outside = nonfinite = 0
     batches = split.batches(batch_size)
@@ -104,12 +104,10 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
             if x_adv.shape != x.shape:
                 raise RuntimeError(f"attack {attack.name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
             nonfinite += int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
-            n_inf, n_2 = perturbation_norms(x_adv - x)
-            size = n_inf if attack.norm == "Linf" else n_2
+            norms = perturbation_norms(x_adv - x)
             out_of_box = (x_adv < -BUDGET_TOL).flatten(1).any(1) | (x_adv > 1 + BUDGET_TOL).flatten(1).any(1)
-            outside += int(((size > attack.eps + BUDGET_TOL) | out_of_box).sum())
-            linf.append(n_inf.cpu())
-            l2.append(n_2.cpu())
+            outside += int((~inside_budget(norms[attack.norm], attack.eps) | out_of_box).sum())
+            sizes.append({k: v.cpu() for k, v in norms.items()})
             votes.append(verdict(defended.model, x_adv, y, repeats))
             if keep:
                 kept.append(x_adv.cpu())
@@ -118,7 +116,8 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
         raise
     seconds = time.perf_counter() - start
     changed = _restore(watched, before, snapshots)
-    linf_all, l2_all = torch.cat(linf), torch.cat(l2)
+    linf_all, l2_all, l1_all = (torch.cat([s[norm] for s in sizes]) if sizes else torch.zeros(0)
+                                for norm in ("Linf", "L2", "L1"))
     extra = {
         "state_changed": bool(changed),
         "outside_budget": outside,
@@ -126,6 +125,7 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
         "max_linf": float(linf_all.max()) if len(linf_all) else 0.0,
         "max_l2": float(l2_all.max()) if len(l2_all) else 0.0,
         "median_l2": float(l2_all.median()) if len(l2_all) else 0.0,
+        "max_l1": float(l1_all.max()) if len(l1_all) else 0.0,
     }
     extra.update(attack.extra())
     flags, spread = _combine(votes)

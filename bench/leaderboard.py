@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bench import latex, registry, webpage
+from bench.config import META_FIELDS, RUN_INFO
 from bench.errors import BenchError, os_reason, require_safe_name
 from bench.models import file_label
 from bench.params import exact_text
@@ -156,9 +157,14 @@ def delta_text(mine: dict[int, np.ndarray], base: dict[int, np.ndarray]) -> str:
 
 
 def threat_text(threat: str) -> str:
-    """'Linf eps=8/255' -> 'L∞ ε=8/255' (the stored budget is already exact: config.exact_text)."""
+    """'Linf eps=8/255' -> 'L∞ ε=8/255', 'L1 eps=12' -> 'L1 ε=12' (the stored budget is already exact:
+    params.exact_text)."""
     norm, sep, eps = threat.partition(" eps=")
-    return f"{'L∞' if norm == 'Linf' else norm} ε={eps}" if sep else threat
+    return f"{norm_text(norm)} ε={eps}" if sep else threat
+
+
+def norm_text(norm: str) -> str:
+    return "L∞" if norm == "Linf" else norm
 
 
 def params_text(params: dict) -> str:
@@ -309,10 +315,19 @@ def incomplete_mark(cfg: Config, threat: str | None = None, protocol: str | None
     return f" ‡ incomplete: {', '.join(lacking)}" if lacking else ""
 
 
+# Parameters a label may set and still be the standard evaluation its attack is reported as: they choose its
+# threat model (autoattack[norm=L2] is AutoAttack under L2), which the cell's threat says.
+THREAT_PARAMS = ("norm", "eps")
+
+
 @functools.lru_cache(maxsize=None)  # an export asks once per configuration and label; each asks the entry points
 def _reported_as(label: str) -> str:
-    """What the attack registered as `label` declares itself reported as ('' for a label with parameters)."""
-    return getattr(registry.declared("attack", label), "reported_as", "")
+    """What the attack of `label` declares itself reported as ('' for a label with other parameters than its
+    threat model's)."""
+    name, bracket, inner = label.partition("[")
+    if bracket and any(item.partition("=")[0] not in THREAT_PARAMS for item in inner.rstrip("]").split(",")):
+        return ""
+    return getattr(registry.declared("attack", name), "reported_as", "")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -509,26 +524,29 @@ def eps_figure(rc) -> list[str]:
 
     curves: dict[str, dict[str, tuple]] = {}
     for cfg in rc.configs:
-        points: dict[str, dict[float, float]] = defaultdict(dict)
+        points: dict[tuple[str, str], dict[float, float]] = defaultdict(dict)
         for r in cfg.runs[:1]:
             for (label, protocol), cell in r.cells.items():
-                if protocol == "adaptive" and cell["norm"] == "Linf":
-                    points[cell["name"]][cell["eps"]] = 100 * cell["correct"] / cell["n"]
-        for name, by_eps in points.items():
+                if protocol == "adaptive":
+                    points[cell["name"], cell["norm"]][cell["eps"]] = 100 * cell["correct"] / cell["n"]
+        for key, by_eps in points.items():
             if len(by_eps) >= 3:
                 xs = sorted(by_eps)
-                curves.setdefault(name, {})[row_name(cfg, rc.configs)] = (xs, [by_eps[x] for x in xs])
+                curves.setdefault(key, {})[row_name(cfg, rc.configs)] = (xs, [by_eps[x] for x in xs])
     lines = []
-    for name, series in curves.items():
+    for (name, norm), series in curves.items():
         budgets = [x for xs, _ in series.values() for x in xs]
-        # budgets of k/255 (CIFAR's 4/255, 8/255, 16/255) read best in units of 1/255; others as they are
-        per_255 = all(abs(255 * x - round(255 * x)) < 1e-6 for x in budgets)
+        # L-inf budgets of k/255 (CIFAR's 4/255, 8/255, 16/255) read best in units of 1/255; others as they are
+        per_255 = norm == "Linf" and all(abs(255 * x - round(255 * x)) < 1e-6 for x in budgets)
         if per_255:
             series = {label: ([round(255 * x) for x in xs], ys) for label, (xs, ys) in series.items()}
-        path = figures.lines(rc.figure(f"eps-{name}"), [{
-            "series": series, "xlabel": "L∞ budget ε" + (" (in units of 1/255)" if per_255 else ""),
-            "ylabel": "accuracy (%)", "title": f"{name}: accuracy vs budget"}])
-        lines += [f"## Robust accuracy vs ε ({name})", ""] + figures.embed(path, f"{name} accuracy vs eps")
+        stem = f"eps-{name}" if norm == "Linf" else f"eps-{name}-{norm}"  # (the L-inf figure keeps its name)
+        shown = norm_text(norm)
+        path = figures.lines(rc.figure(stem), [{
+            "series": series, "xlabel": f"{shown} budget ε" + (" (in units of 1/255)" if per_255 else ""),
+            "ylabel": "accuracy (%)", "title": f"{name}: accuracy vs {shown} budget"}])
+        title = name if norm == "Linf" else f"{name}, {shown}"
+        lines += [f"## Robust accuracy vs ε ({title})", ""] + figures.embed(path, f"{title} accuracy vs eps")
     return lines
 
 
@@ -536,21 +554,40 @@ def eps_figure(rc) -> list[str]:
 # machine-readable forms
 
 
-def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
-    """RobustBench's model_info fields (and ours) of one configuration."""
+def numbers(cfg: Config, threats: list[str], labels: list[str], threat: str | None = None) -> dict:
+    """RobustBench's model_info fields (and ours) of one configuration under one threat model (norm and ε; by
+    default its first L∞ one): a RobustBench claim is one file per threat model, so a configuration attacked
+    under several gives one record for each (`model_infos`). `eps` is the string RobustBench writes ("8/255",
+    "0.5", "12"), `number_forward_passes` the defense's declaration, and link, authors, venue, reported,
+    footnote, additional_data the run's --meta fields (None where not given)."""
     def pct(label, protocol="adaptive"):
         per_seed = cfg.flags(label, protocol)
         return round(100 * float(np.mean([f.mean() for f in per_seed.values()])), 4) if per_seed else None
 
     run = cfg.runs[0].run
-    eps = next((c["eps"] for r in cfg.runs for c in r.cells.values() if c["norm"] == "Linf"), None)
-    # RobustBench's autoattack_acc: the first cell, at its attack's defaults, of an attack reported as it
-    aa = next((lab for lab in labels if _reported_as(lab) == "AutoAttack"), None)
+    cells = [c for r in cfg.runs for c in r.cells.values()]
+    if threat is None:
+        own = list(dict.fromkeys(c["threat"] for c in cells))
+        threat = next((t for t in own if t.startswith("Linf ")), own[0] if own else None)
+    cell = next((c for c in cells if c["threat"] == threat), None)
+    # RobustBench's autoattack_acc: the first cell of this threat model of an attack reported as it
+    aa = next((lab for lab in labels if _reported_as(lab) == "AutoAttack"
+               and any(r.cells.get((lab, "adaptive"), {}).get("threat") == threat for r in cfg.runs)), None)
+    declared = [(r.run.get("info") or {}).get(RUN_INFO) or {} for r in cfg.runs]
+    meta: dict = {}
+    for d in declared:  # several seeds: each run's fields, the later seeds' winning
+        meta.update(d.get("meta") or {})
+    norm = cell["norm"] if cell is not None else None
+    card = {key: meta.get(f"{key}:{norm}", meta.get(key)) for key in META_FIELDS}
+    extra_data = card.pop("additional_data")
     return {
         "name": cfg.defense, "params": cfg.params, "dataset": run["dataset"], "architecture": run["arch"],
-        "preset": run["preset"], "threat_model": "Linf", "eps": eps, "clean_acc": pct(CLEAN),
-        "autoattack_acc": pct(aa) if aa else None, "additional_data": False,
-        "number_forward_passes": 1, "seeds": cfg.seeds,
+        "preset": run["preset"], "threat_model": norm, "eps": exact_text(float(cell["eps"])) if cell else None,
+        "clean_acc": pct(CLEAN), "autoattack_acc": pct(aa) if aa else None,
+        "robust_acc": pct(f"worst:{threat}") if threat else None,  # the worst case over every attack of it
+        "additional_data": str(extra_data).strip().lower() in ("1", "true", "yes") if extra_data else False,
+        "number_forward_passes": max((int(d.get("forward_passes", 1)) for d in declared), default=1),
+        **card, "seeds": cfg.seeds,
         "n": int(next(iter(cfg.flags(CLEAN).values())).size) if cfg.flags(CLEAN) else 0,
         "attacks": {lab: pct(lab) for lab in labels if cfg.flags(lab)},
         "worst_case": {t: pct(f"worst:{t}") for t in threats},
@@ -559,6 +596,13 @@ def numbers(cfg: Config, threats: list[str], labels: list[str]) -> dict:
         "incomplete": "; ".join(incomplete(cfg)),
         "missing_cells": [{**m, "seed": r.run["seed"]} for r in cfg.runs for m in r.missing],
     }
+
+
+def model_infos(cfg: Config, threats: list[str], labels: list[str]) -> list[dict]:
+    """One RobustBench record per threat model (norm, ε) `cfg` was attacked under (one, without a threat
+    model, for a configuration with clean accuracy only)."""
+    own = [t for t in threats if any(c["threat"] == t for r in cfg.runs for c in r.cells.values())]
+    return [numbers(cfg, threats, labels, t) for t in own] or [numbers(cfg, threats, labels)]
 
 
 def cell_records(configs: list[Config]) -> list[dict]:
@@ -739,8 +783,8 @@ def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, ve
                 _replace_file(frame.astype({"n": "Int64", "correct": "Int64", "seed": "Int64"}), path)
             else:
                 labels, _, threats = attack_labels(configs)
-                _replace_file(json.dumps({"cells": records, "models": [numbers(c, threats, labels) for c in configs]},
-                                         indent=1), path)
+                models = [info for c in configs for info in model_infos(c, threats, labels)]
+                _replace_file(json.dumps({"cells": records, "models": models}, indent=1), path)
             written.append(path)
             continue
         if fmt == "md":

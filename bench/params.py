@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -21,6 +21,9 @@ class Param:
     preset whose value replaces the default at the run's scale (shared budgets such as fine-tuning epochs).
     Either way presets scale budgets without touching the algorithm, and a value the user gives wins.
     `kind` is inferred from the default when omitted: int, float, bool, str, or tuple (comma-separated).
+    `follows` names another parameter whose value picks a case: `cases` maps that value to the fields that
+    differ from this declaration (an attack's budget follows its norm: {"L2": dict(default=0.5,
+    preset="eps_l2", high=None)}); values it does not name use this declaration as it is.
     """
 
     default: Any
@@ -33,10 +36,22 @@ class Param:
     preset: str | None = None
     item: type = float  # element type of tuple parameters
     per_preset: Mapping[str, Any] | None = field(default=None, hash=False)
+    follows: str | None = None
+    cases: Mapping[Any, Mapping[str, Any]] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
-        if self.per_preset is not None:  # a read-only copy: a declaration never changes after the class is made
+        # read-only copies: a declaration never changes after the class is made
+        if self.per_preset is not None:
             object.__setattr__(self, "per_preset", MappingProxyType(dict(self.per_preset)))
+        if self.cases is not None:
+            object.__setattr__(self, "cases", MappingProxyType({k: MappingProxyType(dict(v))
+                                                                for k, v in self.cases.items()}))
+
+    def case(self, values: Mapping[str, Any]) -> "Param":
+        """The declaration that applies when the other parameters have `values` (itself unless it follows one)."""
+        if self.follows is None:
+            return self
+        return replace(self, follows=None, cases=None, **(self.cases or {}).get(values.get(self.follows), {}))
 
     @property
     def type(self) -> type:
@@ -55,6 +70,12 @@ class Param:
             bits.append(f"scaled by preset field '{self.preset}'")
         if self.choices:
             bits.append("one of " + "|".join(map(str, self.choices)))
+        for value, changes in (self.cases or {}).items():
+            case = self.case({self.follows: value})
+            bits.append(f"{self.follows} {value}: default {case.default:.4g}" if isinstance(case.default, float)
+                        else f"{self.follows} {value}: default {case.default!r}")
+            if "preset" in changes:
+                bits[-1] += f", preset field '{case.preset}'"
         return f"{self.help} ({'; '.join(bits)})"
 
 
@@ -131,7 +152,9 @@ def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
     _known_names(owner, specs, given)
     scale = getattr(preset, "name", None)
     out = {}
-    for name, spec in specs.items():
+    # a parameter that follows another is resolved after it, with the declaration of its case
+    for name in sorted(specs, key=lambda n: specs[n].follows is not None):
+        spec = specs[name].case(out)
         declared = _per_preset(owner, name, spec)
         if name in given:
             out[name] = convert(name, spec, given[name])
@@ -141,7 +164,7 @@ def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
             out[name] = convert(name, spec, getattr(preset, spec.preset))
         else:
             out[name] = spec.default if spec.default is None else convert(name, spec, spec.default)
-    return out
+    return {name: out[name] for name in specs}
 
 
 def _per_preset(owner: str, name: str, spec: Param) -> dict[str, Any]:

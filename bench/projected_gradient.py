@@ -1,6 +1,6 @@
 """Projected gradient descent, shared by adversarial training, validation and the PGD-family attacks.
 
-One loop serves every use: L-inf or L2, CE / CW-margin / any per-sample loss, restarts, and best-iterate
+One loop serves every use: L-inf or L2 (L1 attacks use pyautoattack's APGD), CE / CW-margin / any per-sample loss, restarts, and best-iterate
 tracking. Each step costs exactly one forward and one input-gradient backward; the best iterate is read
 off the logits that the step computes anyway, so tracking adds only one forward for the last iterate.
 """
@@ -48,12 +48,17 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project onto the (norm, eps) ball around x, then onto [0,1]."""
+    """Project onto the (norm, eps) ball around x, then onto [0,1]. L1 is scaled back radially, which is not
+    the Euclidean projection (that needs pyautoattack's L1_projection) but keeps a point of the box inside
+    both: what pulls a library's result back onto its budget."""
     delta = x_adv - x
     if norm == "Linf":
         delta = delta.clamp(-eps, eps)
-    else:
+    elif norm == "L2":
         delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+    else:
+        size = delta.flatten(1).abs().sum(1).clamp_min(1e-12).view(-1, *([1] * (delta.dim() - 1)))
+        delta = delta * (eps / size).clamp(max=1.0)
     return (x + delta).clamp(0.0, 1.0)
 
 

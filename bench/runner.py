@@ -24,7 +24,7 @@ from bench.as_is import AsIs
 from bench.context import Context
 from bench.contract import Attack, Defended, Defense
 from bench.params import resolve_params
-from bench.config import AttackSpec, RunConfig, parse_assignments
+from bench.config import RUN_INFO, AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason, unknown
 from bench.evaluator import CellResult, attack_cell, clean_cell
 from bench.stats import worst_case
@@ -281,7 +281,7 @@ def prepare(req: Request) -> Prepared:
                     device=str(device), precision=precision, protocol=req.protocol, out=str(out),
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
                     command=req.command, normalize=normalize, model_source=model_source,
-                    save_adversarial=bool(req.save_adversarial))
+                    save_adversarial=bool(req.save_adversarial), meta=config_mod.validate_meta(req.meta))
     return Prepared(cfg, defense, attacks, data, device)
 
 
@@ -379,6 +379,8 @@ def execute(prep: Prepared, *, quiet: bool = False) -> dict:
             log.info("run %s: %d of %d cells already finished, skipped", run_id[:10], done_before, len(wanted))
         if todo:
             _evaluate(prep, store, run_id, finished, quiet, failures)
+        elif cfg.meta:  # a finished run takes the model-card fields given now
+            store.put_meta(run_id, RUN_INFO, dict(cfg.meta))
         run = next((r for r in store.runs() if r["run_id"] == run_id), None)
         if cfg.checks and run is not None:
             store.put_checks(run_id, [c.row() for c in checks.from_cells(run, store.cells(run_id))])
@@ -437,6 +439,9 @@ def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:
     defended = prep.defense.build(ctx)
     if not isinstance(defended, Defended) or not isinstance(defended.model, torch.nn.Module):
         raise TypeError(f"build() returned {type(defended).__name__}, not bench.api.Defended")
+    passes = defended.forward_passes
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise TypeError(f"build() returned Defended(forward_passes={passes!r}): it must be an integer >= 1")
     return defended, time.perf_counter() - start
 
 
@@ -458,6 +463,13 @@ def _build_and_probe(prep: Prepared, ctx: Context, n: int, stored: list[checks.C
     if any(c.found_randomness for c in probes):
         defended.randomized = True
     return defended, seconds, probes
+
+
+def _stored_meta(store: Store, run_id: str) -> dict:
+    """The --meta fields a stored run already has (a resumed run without --meta keeps them)."""
+    run = next((r for r in store.runs() if r["run_id"] == run_id), None)
+    info = run["info"].get(RUN_INFO) if run is not None and isinstance(run["info"], dict) else None
+    return dict(info.get("meta") or {}) if isinstance(info, dict) else {}
 
 
 def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool,
@@ -485,7 +497,9 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         "dataset": cfg.dataset, "arch": cfg.arch, "seed": cfg.seed, "precision": cfg.precision,
         "config": cfg.identity(), "command": cfg.command, "code_version": code_version(),
         "batch_dependent": int(defended.batch_dependent), "randomized": int(defended.randomized),
-        "has_surrogate": int(defended.surrogate is not None), "info": defended.info,
+        "has_surrogate": int(defended.surrogate is not None),
+        "info": {**defended.info, RUN_INFO: {"forward_passes": defended.forward_passes,
+                                             "meta": {**_stored_meta(store, run_id), **dict(cfg.meta)}}},
         "build_seconds": build_seconds,
     })
     if probes and not reuse:

@@ -248,6 +248,17 @@ class Store:
             self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks}) "
                               f"ON CONFLICT(run_id) DO UPDATE SET {updates}", list(row.values()))
 
+    def put_meta(self, run_id: str, key: str, meta: dict) -> None:
+        """Update the --meta fields kept in a stored run's info[key] (they are not part of its identity)."""
+        row = self.conn.execute("SELECT info FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            return
+        info = _loads(self.path, row[0], f"runs.info of run {run_id}")
+        info.setdefault(key, {}).setdefault("meta", {}).update(meta)
+        with self.conn:
+            self.conn.execute("UPDATE runs SET info=? WHERE run_id=?",
+                              (json.dumps(info, sort_keys=True, default=to_json), run_id))
+
     def put_cell(self, run_id: str, *, attack: str, protocol: str, name: str, params: dict, norm: str,
                  eps: float, threat: str, flags: np.ndarray, seconds: float, extra: dict) -> None:
         flags = np.asarray(flags, dtype=bool)

@@ -131,4 +131,7 @@ class NormShaping(Defense):
         model = NormShapedModel(net, shaping, p.infer_ratio).eval()
         info.update({"train_ratio": p.train_ratio, "infer_ratio": p.infer_ratio, "shaping_samples": len(idx),
                      "shaping_indices_head": idx[:10].tolist()})
-        return Defended(model=model, surrogate=net, batch_dependent=True, info=info)
+        # each prediction runs the network on the test image and its infer_ratio shaping images: 1 + ratio
+        # images' forward computation per test image, as RobustBench counts passes
+        return Defended(model=model, surrogate=net, batch_dependent=True, info=info,
+                        forward_passes=1 + p.infer_ratio)

@@ -125,14 +125,14 @@ class TextEps(_Step):
 
 
 class UnknownNorm(_Step):
-    norm = "L1"
+    norm = "L0"
     eps = 0.1
 
 
 @pytest.mark.parametrize("cls, message", [
     (NoEps, "declares no eps"), (NegativeEps, "eps must be a finite number > 0, got -0.1"),
     (NanEps, "eps must be a finite number > 0, got nan"), (TextEps, "eps must be a finite number > 0"),
-    (UnknownNorm, "norm must be Linf or L2, got 'L1'")])
+    (UnknownNorm, "norm must be Linf, L2, L1, got 'L0'")])
 def test_a_bad_budget_is_one_clear_error(cls, message):
     with pytest.raises(BenchError, match=message):
         build(cls)
@@ -243,7 +243,9 @@ def test_minimal_plugin_runs_end_to_end(bench, out_dir, minimal_plugin):
     assert res.code == 0, res.err
     store = Store(out_dir, create=False)
     (run,) = store.runs()
-    assert run["params"] == {"temperature": 2.0} and run["info"] == {"temperature": 2.0}
+    # the defense's info, and under the key "bench" what the harness records beside it
+    assert run["params"] == {"temperature": 2.0}
+    assert run["info"] == {"temperature": 2.0, "bench": {"forward_passes": 1, "meta": {}}}
     cells = {c["attack"]: c for c in store.cells(run["run_id"])}
     assert (cells["minimal_attack"]["norm"], cells["minimal_attack"]["eps"]) == ("L2", 0.5)
     assert cells["minimal_attack"]["threat"].startswith("L2 eps=0.5")
@@ -322,7 +324,7 @@ class BadScale(Base):
 @pytest.mark.parametrize("attack, message", [
     ("no_eps", "attack 'no_eps' declares no eps"),
     ("negative_eps", "attack 'negative_eps': eps must be a finite number > 0, got -0.1"),
-    ("wrong_norm", "attack 'wrong_norm': attack norm must be Linf or L2, got 'l2'"),
+    ("wrong_norm", "attack 'wrong_norm': attack norm must be Linf, L2, L1, got 'l2'"),
     ("crashes", "attack 'crashes' could not be created: RuntimeError: needs a GPU"),
     ("typo_preset", "parameter 'steps' declares a value for unknown preset 'quik' (did you mean 'quick'?)"),
     # a wrong value for another preset than the one running is still the plugin's mistake, named

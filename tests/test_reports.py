@@ -221,7 +221,10 @@ def test_csv_and_json_hold_numbers(board):
     cell = next(c for c in exported["cells"] if c["defense"] == "pgd_at" and c["cell"] == "pgd10")
     assert isinstance(cell["accuracy"], float) and isinstance(cell["n"], int) and isinstance(cell["params"], dict)
     pgd = next(m for m in exported["models"] if m["name"] == "pgd_at")
-    assert isinstance(pgd["clean_acc"], float) and isinstance(pgd["eps"], float) and pgd["architecture"] == "tiny_cnn"
+    assert isinstance(pgd["clean_acc"], float) and pgd["architecture"] == "tiny_cnn"
+    assert (pgd["threat_model"], pgd["eps"], pgd["number_forward_passes"]) == ("Linf", "0.1", 1)  # RobustBench's forms
+    shaping = [m for m in exported["models"] if m["name"] == "norm_shaping"]
+    assert shaping and all(m["number_forward_passes"] == 1 + m["params"]["infer_ratio"] for m in shaping)
     assert pgd["dataset"] == "digits" and pgd["autoattack_acc"] is None
     assert set(pgd["attacks"]) >= {"pgd10", "fgsm"}
 

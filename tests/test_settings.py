@@ -24,6 +24,7 @@ SAMPLES = {
     "out": (["--out", "/o"], 'out = "/o"', "/o"),
     "precision": (["--precision", "fp32"], 'precision = "fp32"', "fp32"),
     "sets": (["--set", "n_test=5"], 'set = { n_test = "5" }', {"n_test": "5"}),
+    "meta": (["--meta", "venue=ICTAI 2022"], 'meta = { venue = "ICTAI 2022" }', {"venue": "ICTAI 2022"}),
     "base_checkpoints": (["--base-checkpoint", "trades=/b.pt"], 'base_checkpoint = { trades = "/b.pt" }',
                          {"trades": "/b.pt"}),
     "quiet": (["--quiet"], None, True),
