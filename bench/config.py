@@ -560,8 +560,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quiet", None, False, ("--quiet", "-q"), "No progress bars or progress messages.", RUN_AND_CHECK,
             switch=True),
     Setting("checks", BOOL, True, ("--no-checks",), "Skip the sanity checks.", switch=True, sweep=TOP),
-            "preset": preset_identity(self.preset, self.dataset), "dataset": self.dataset,
-            **model_identity(self.arch, self.model_source, self.normalize),
+    Setting("save_adversarial", BOOL, False, ("--save-adversarial",),
+            "Keep each attacked cell's adversarial examples (compressed .npz under OUT/adversarial/).", switch=True,
+            sweep=TOP),
+    Setting("meta", SETS, {}, ("--meta",), "A field of the RobustBench export (link, authors, venue, reported, "
+            "footnote, additional_data; FIELD:NORM for one threat model), stored with the run, not part of its "
+            "identity.", metavar="FIELD=VALUE", read=parse_assignments, multiple=True),
 )
 SETTING = {s.name: s for s in SETTINGS}
 TOML_KEYS = {s.toml_key: s.kind for s in SETTINGS if s.kind is not None}
