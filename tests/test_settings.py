@@ -32,6 +32,8 @@ SAMPLES = {
     "attack_params": (["--attack-param", "fgsm.eps=0.1"], 'attack_params = { fgsm = { eps = "0.1" } }',
                       {"fgsm": {"eps": "0.1"}}),
     "protocol": (["--protocol", "paper"], 'protocol = "paper"', "paper"),
+    "threat": (["--threat", "Linf:0.1"], 'threat = "Linf:0.1"', "Linf:0.1"),
+    "save_adversarial": (["--save-adversarial"], "save_adversarial = true", True),
     "checks": (["--no-checks"], "checks = false", False),
 }
 CELL = '\n[[cells]]\ndefense = "standard"\n'
