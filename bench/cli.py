@@ -35,8 +35,8 @@ def cli() -> None:
 @cli.command("list")
 @click.option("--verbose", "-v", is_flag=True, help="Also show every parameter and its default.")
 def list_cmd(verbose: bool) -> None:
-    """Every registered defense and attack, with a one-line description."""
-    for kind, title in (("defense", "Defenses"), ("attack", "Attacks")):
+    """Every registered defense, attack and dataset, with a one-line description."""
+    for kind, title in (("defense", "Defenses"), ("attack", "Attacks"), ("dataset", "Datasets")):
         table = registry.providers(kind)
         loaded, broken = registry.load_all(kind)
         click.echo(f"{title}:")
@@ -47,12 +47,20 @@ def list_cmd(verbose: bool) -> None:
                 continue
             cls = loaded[name]
             default = " [default]" if kind == "attack" and cls.in_default else ""  # run without --attacks
-            click.echo(f"  {name:<{width}}  {cls.describe()}{default}")
+            click.echo(f"  {name:<{width}}  {_describe(cls)}{default}")
             if verbose:
                 click.echo(f"  {'':<{width}}  provided by {table[name]}")
-                for pname, spec in cls.PARAMS.items():
+                # a dataset loader declares `options` (name[key=value;...]), a plugin class PARAMS
+                for pname, spec in (getattr(cls, "PARAMS", None) or getattr(cls, "options", None) or {}).items():
                     click.echo(f"  {'':<{width}}    {pname}: {spec.describe()}")
         click.echo("")
+
+
+def _describe(obj) -> str:
+    """A plugin class's describe(), or a loader function's first docstring line."""
+    if hasattr(obj, "describe"):
+        return obj.describe()
+    return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from bench.config import PRESETS
 from bench.contract import Attack, Defense
 from bench.errors import BenchError, did_you_mean, unknown
 
-GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports"}
+GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports",
+          "dataset": "bench.datasets"}
 BASES = {"defense": Defense, "attack": Attack}
 
 
@@ -66,9 +67,9 @@ def load(kind: str, name: str) -> type:
     except Exception as exc:  # a broken third-party plugin must not look like our crash
         reason = one_line(exc)
         raise PluginLoadError(f"could not load {kind} '{name}' from {prov}: {reason}", reason) from exc
-    if kind == "report":
+    if kind in ("report", "dataset"):  # functions: a report (ReportContext) or a loader (DataRequest)
         if not callable(obj):
-            raise PluginLoadError(f"report '{name}' ({prov}) is not callable", "not callable")
+            raise PluginLoadError(f"{kind} '{name}' ({prov}) is not callable", "not callable")
         return obj
     if not (isinstance(obj, type) and issubclass(obj, BASES[kind])):
         reason = f"not a subclass of bench.api.{BASES[kind].__name__}"
