@@ -202,6 +202,8 @@ tensors.options = {
 
 
 def _npz(path: Path, where: str) -> dict:
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle (and refuse it as one)
+        raise BenchError(f"{where} is not a readable .npz file (not a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as archive:  # pickled objects could run code: never loaded
             return {key: archive[key] for key in archive.files}
