@@ -610,6 +610,18 @@ def cell_records(configs: list[Config]) -> list[dict]:
 FORMATS = ("md", "html", "latex", "csv", "json")
 
 
+def _file_part(value):
+    """A dataset label with options as a file-name part: imagefolder[mode=RGB;size=64] ->
+    imagefolder.mode-RGB.size-64. The name before the bracket is kept as it is, so anything unsafe there
+    (a path) is still refused by require_safe_name."""
+    if not isinstance(value, str) or not value.endswith("]") or "[" not in value:
+        return value
+    name, _, options = value[:-1].partition("[")
+    for old, new in ((";", "."), ("=", "-"), (",", "_"), ("/", "_")):
+        options = options.replace(old, new)
+    return f"{name}.{options}"
+
+
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
     if fmt not in FORMATS:
@@ -619,7 +631,8 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
     for cfg in load(store):
         run = cfg.runs[0].run
         # file names are made of these: a hostile database must not name a path outside dest
-        key = tuple(require_safe_name(run[k], f"results database {store.path}: run {run['run_id'][:10]}: {k}") for k in KEY)
+        key = tuple(require_safe_name(_file_part(run[k]), f"results database {store.path}: run {run['run_id'][:10]}: {k}")
+                    for k in KEY)
         groups[key].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")

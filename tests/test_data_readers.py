@@ -106,6 +106,9 @@ def test_imagefolder_errors_name_the_file(tmp_path):
     write_image(root / "train" / "c002" / "0.png", 16)
     with pytest.raises(BenchError, match=r"train/ and test/ must hold the same class folders; only in train/: c002"):
         data.load("imagefolder", root, n_val=1)
+    (root / "test" / "c002").mkdir()
+    with pytest.raises(BenchError, match=r"class folder .*test/c002 holds no images"):
+        data.load("imagefolder", root, n_val=1)
     with pytest.raises(BenchError, match="holds no test/ folder"):
         data.load("imagefolder", tmp_path / "bad" / "train")
     with pytest.raises(BenchError, match="imagefolder needs --data-dir"):
@@ -206,6 +209,7 @@ def test_tensors_npz_nhwc_uint8_and_pt_nchw_float(tmp_path):
     ({"x": np.zeros((3, 3, 8, 8), np.int64), "y": np.arange(3)}, "is int64, expected uint8"),
     ({"x": np.zeros((3, 3, 8, 8)), "y": np.arange(4)}, "3 images in 'x' but 4 labels"),
     ({"x": np.zeros((3, 3, 8, 6)), "y": np.arange(3)}, "images must be square"),
+    ({"x": np.zeros((3, 1, 3, 8, 8)), "y": np.arange(3)}, r"expected \(N, C, H, W\), \(N, H, W, C\) or \(N, H, W\)"),
     ({"x": np.zeros((3, 3, 8, 8)), "y": np.array([0.0, 1.0, 1.0])}, "1-D array of integer labels"),
     ({"images": np.zeros((3, 3, 8, 8))}, "expected x and y"),
     ({"x_test": np.zeros((3, 3, 8, 8)), "y_test": np.arange(3), "x_train": np.zeros((3, 3, 8, 8))},
@@ -268,7 +272,7 @@ def test_unknown_dataset_suggests_a_name():
 def test_cli_run_on_a_200_class_64px_imagefolder(bench, folder200, tmp_path):
     """pgd_at trains a tiny base on the fake 200-class data and is attacked, end to end."""
     out = tmp_path / "results"
-    args = ["run", "--preset", "smoke", "--dataset", "imagefolder", "--data-dir", folder200, "--defense", "pgd_at",
+    args = ["run", "--preset", "smoke", "--dataset", "imagefolder[size=64]", "--data-dir", folder200, "--defense", "pgd_at",
             "--attacks", "fgsm,pgd10[steps=2]", "--out", out, "--quiet", "--device", "cpu"]
     # small budgets: a 64-pixel batch costs 0.2-0.6 s forward and backward on a shared CPU core
     for value in ("n_train=120", "n_val=20", "n_val_robust=10", "n_test=32", "epochs_pgd_at=1", "pgd_steps=1",
@@ -282,11 +286,16 @@ def test_cli_run_on_a_200_class_64px_imagefolder(bench, folder200, tmp_path):
     store = Store(out)
     try:
         (run,) = store.runs()
-        assert run["dataset"] == "imagefolder"
+        assert run["dataset"] == "imagefolder[size=64]"
         cells = {c["attack"]: c for c in store.cells(run["run_id"])}
         assert cells["clean"]["n"] == 32 and cells["fgsm"]["n"] == 32 and "pgd10[steps=2]" in cells
     finally:
         store.close()
+    # a label with options names a leaderboard file like any dataset
+    board = bench("leaderboard", "--out", out, "--dest", tmp_path / "boards")
+    assert board.code == 0, board.err
+    text = (tmp_path / "boards" / "imagefolder.size-64-tiny_cnn-smoke.md").read_text()
+    assert "pgd_at" in text
 
 
 def test_cli_evaluation_only_data_with_a_training_defense_is_one_line(bench, tmp_path):
