@@ -15,6 +15,8 @@ plugin" is the contract in prose.
 - Training: `train`, `TrainSpec`, `Schedule`, `Objective`, `Clean`, `PGDAdversarial`, `TRADES`,
   `trades_attack`, `preset_spec`, `finetune_spec`, `accuracy`, `robust_accuracy`, `autocast_factory`, `derived_seed`.
 - Reports: `delta_text`, `line_figure`, `bar_figure`, `density_figure`, `embed_figure`.
+- Datasets: a loader (`bench.datasets` group) takes a `DataRequest` and returns `LoadedData` with its
+  `DatasetSpec`.
 
 This module only gathers names: it sits at the top of the core, and no module of `bench` imports it.
 """
@@ -27,6 +29,7 @@ from bench.composition import finish
 from bench.config import derived_seed
 from bench.context import Context
 from bench.contract import Attack, Defended, Defense, threat_params
+from bench.data import DataRequest, DatasetSpec, LoadedData
 from bench.errors import BenchError
 from bench.layers import (batch_statistics, bn_modules, interpolate_weights, module_at, module_kind, own_parameters,
                           weight_modules)
@@ -52,6 +55,8 @@ __all__ = [
     "derived_seed", "finetune_spec", "preset_spec", "robust_accuracy", "trades_attack", "train",
     # reports
     "bar_figure", "delta_text", "density_figure", "embed_figure", "line_figure",
+    # datasets
+    "DataRequest", "DatasetSpec", "LoadedData",
 ]
 
 # The report helpers load pandas and matplotlib: imported on first use, so that loading a plugin (every

@@ -35,8 +35,8 @@ def cli() -> None:
 @cli.command("list")
 @click.option("--verbose", "-v", is_flag=True, help="Also show every parameter and its default.")
 def list_cmd(verbose: bool) -> None:
-    """Every registered defense, attack and model, with a one-line description."""
-    for kind, title in (("defense", "Defenses"), ("attack", "Attacks"), ("model", "Models")):
+    """Every registered defense, attack, model and dataset, with a one-line description."""
+    for kind, title in (("defense", "Defenses"), ("attack", "Attacks"), ("model", "Models"), ("dataset", "Datasets")):
         table = registry.providers(kind)
         loaded, broken = registry.load_all(kind)
         click.echo(f"{title}:")
@@ -50,7 +50,8 @@ def list_cmd(verbose: bool) -> None:
             click.echo(f"  {name:<{width}}  {_describe(cls)}{default}")
             if verbose:
                 click.echo(f"  {'':<{width}}  provided by {table[name]}")
-                for pname, spec in getattr(cls, "PARAMS", {}).items():  # (a model factory has none)
+                # a dataset loader declares `options` (name[key=value;...]), a plugin class PARAMS
+                for pname, spec in (getattr(cls, "PARAMS", None) or getattr(cls, "options", None) or {}).items():
                     click.echo(f"  {'':<{width}}    {pname}: {spec.describe()}")
         if kind == "model":
             click.echo("  (or your own: --model pkg.module:function, see README 'Evaluate your own model')")

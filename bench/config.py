@@ -398,6 +398,16 @@ def parse_assignments(items, what: str) -> dict[str, str]:
     return out
 
 
+def parse_item(item: str, kind: str) -> tuple[str, dict[str, str]]:
+    """'name[key=value;...]' -> ('name', {'key': 'value', ...}): how an attack or a dataset takes options."""
+    name, bracket, rest = item.partition("[")
+    if not bracket:
+        return item.strip(), {}
+    if not rest.endswith("]"):
+        raise BenchError(f"malformed {kind} '{item}': expected name[key=value;...]")
+    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"{kind} '{item}'")
+
+
 def parse_attack_params(items, flag: str = "--attack-param") -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for key, value in parse_assignments(items, flag).items():
@@ -526,9 +536,11 @@ SETTINGS: tuple[Setting, ...] = (
             sweep=TOP_AND_CELL),
     Setting("preset", NAME, DEFAULT_PRESET, ("--preset",), f"Scale: {', '.join(PRESETS)}.", RUN_AND_CHECK,
             show_default=True, sweep=TOP_AND_CELL, pinned=True),
-    Setting("dataset", NAME, None, ("--dataset",), "digits, cifar10 or cifar100 (default: the preset's).",
-            RUN_AND_CHECK, sweep=TOP_AND_CELL),
-    Setting("data_dir", NAME, None, ("--data-dir",), "Directory holding cifar-*-python/ (or empty, to download).",
+    Setting("dataset", NAME, None, ("--dataset",), "A registered dataset (see `bench list`), options as "
+            "name[key=value;...], e.g. imagefolder[size=64] (default: the preset's).", RUN_AND_CHECK,
+            sweep=TOP_AND_CELL),
+    Setting("data_dir", NAME, None, ("--data-dir",), "Where the data is: a directory holding cifar-*-python/ or "
+            "tiny-imagenet-200/ (empty: download), an image folder with train/ and test/, or a .npz/.pt file.",
             RUN_AND_CHECK, sweep=TOP_AND_CELL),
     # --model and --arch are one setting (TOML key `arch`): a model is named as an architecture is
     Setting("arch", NAME, None, ("--model", "--arch"),

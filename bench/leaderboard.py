@@ -655,6 +655,18 @@ def cell_records(configs: list[Config]) -> list[dict]:
 FORMATS = ("md", "html", "latex", "csv", "json")
 
 
+def _file_part(value):
+    """A dataset label with options as a file-name part: imagefolder[mode=RGB;size=64] ->
+    imagefolder.mode-RGB.size-64. The name before the bracket is kept as it is, so anything unsafe there
+    (a path) is still refused by require_safe_name."""
+    if not isinstance(value, str) or not value.endswith("]") or "[" not in value:
+        return value
+    name, _, options = value[:-1].partition("[")
+    for old, new in ((";", "."), ("=", "-"), (",", "_"), ("/", "_")):
+        options = options.replace(old, new)
+    return f"{name}.{options}"
+
+
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
     """Write one file per (dataset, arch, preset) present in the store, with its figures."""
     if fmt not in FORMATS:
@@ -664,10 +676,11 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
     for cfg in load(store):
         run = cfg.runs[0].run
         # file names are made of these: a hostile database must not name a path outside dest (a model named by
-        # import path, pkg.module:factory, is made safe first)
+        # import path, pkg.module:factory, and a dataset label with options, name[k=v], are made safe first)
         for k in KEY:
-            require_safe_name(file_label(run[k]) if k == "arch" and isinstance(run[k], str) else run[k],
-                              f"results database {store.path}: run {run['run_id'][:10]}: {k}")
+            part = file_label(run[k]) if k == "arch" and isinstance(run[k], str) else \
+                _file_part(run[k]) if k == "dataset" else run[k]
+            require_safe_name(part, f"results database {store.path}: run {run['run_id'][:10]}: {k}")
         groups[tuple(run[k] for k in KEY)].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")
@@ -773,7 +786,7 @@ def markdown(board: Board) -> str:
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
     written = []
     for (dataset, arch, preset), configs in sorted(groups.items()):
-        stem = f"{dataset}-{file_label(arch)}-{preset}"
+        stem = f"{_file_part(dataset)}-{file_label(arch)}-{preset}"
         if fmt in ("csv", "json"):
             records = cell_records(configs)
             path = dest / f"{stem}.{fmt}"

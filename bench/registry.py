@@ -9,7 +9,8 @@ from bench.config import PRESETS
 from bench.contract import Attack, Defense
 from bench.errors import BenchError, did_you_mean, unknown
 
-GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports", "model": "bench.models"}
+GROUPS = {"defense": "bench.defenses", "attack": "bench.attacks", "report": "bench.reports", "model": "bench.models",
+          "dataset": "bench.datasets"}
 BASES = {"defense": Defense, "attack": Attack}
 
 
@@ -67,7 +68,8 @@ def load(kind: str, name: str) -> type:
     except Exception as exc:  # a broken third-party plugin must not look like our crash
         reason = one_line(exc)
         raise PluginLoadError(f"could not load {kind} '{name}' from {prov}: {reason}", reason) from exc
-    if kind in ("report", "model"):  # functions: a report (context) -> ..., a model factory (num_classes, spec)
+    # functions: a report (ReportContext) -> ..., a model factory (num_classes, spec), a loader (DataRequest)
+    if kind in ("report", "model", "dataset"):
         if not callable(obj):
             raise PluginLoadError(f"{kind} '{name}' ({prov}) is not callable", "not callable")
         return obj

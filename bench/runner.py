@@ -81,12 +81,7 @@ def split_attacks(attacks: Any) -> list[str]:
 
 def parse_attack(item: str) -> tuple[str, dict[str, str]]:
     """'pgd10[eps=4/255;steps=20]' -> ('pgd10', {'eps': '4/255', 'steps': '20'})."""
-    name, bracket, rest = item.partition("[")
-    if not bracket:
-        return item.strip(), {}
-    if not rest.endswith("]"):
-        raise BenchError(f"malformed attack '{item}': expected name[key=value;...]")
-    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"attack '{item}'")
+    return config_mod.parse_item(item, "attack")
 
 
 def attack_names(attacks: Any) -> list[str]:
@@ -221,21 +216,23 @@ def prepare(req: Request) -> Prepared:
             raise BenchError(f"--threat {req.threat} sets the preset's {budget_field}: do not --set it as well")
         sets[budget_field] = eps
     preset = config_mod.get_preset(req.preset)
-    dataset = req.dataset or preset.dataset
-    if dataset not in data_mod.DATASETS:
-        raise unknown("dataset", dataset, data_mod.DATASETS)
+    # the label the run stores (name[options], options written exactly); unknown names and options fail here
+    dataset = data_mod.resolve(req.dataset or preset.dataset).label
     # `--set` of a parameter of this run's defense or attacks is a slip: say which option sets it
     plugin_params = {k: (f"attack '{n}'", f"--attack-param {n}.", f"attack_params.{n}.")
                      for n, c in attack_classes.items() for k in c.PARAMS}
     plugin_params.update({k: (f"defense '{defense_name}'", "--param ", "params.") for k in defense_cls.PARAMS})
     preset = config_mod.override_preset(preset, sets, plugin_params)
-    preset = config_mod.concrete(preset, data_mod.DATASETS[dataset])
     arch = req.arch or preset.arch
     model_source = models.source_digest(arch)  # imports the model's module: a bad name or path fails here
-    normalize = models.parse_normalize(req.normalize, data_mod.DATASETS[dataset].channels, data_mod.DATASETS)
     device = resolve_device(req.device)
     precision = resolve_precision(req.precision, device)
     config_mod.validate_seed(req.seed)
+    # the data decides the spec (classes, channels, size, standard budgets) the rest is checked against
+    data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
+                      preset.n_test)
+    preset = config_mod.concrete(preset, data.spec)
+    normalize = models.parse_normalize(req.normalize, data.spec.channels, data_mod.DATASETS)
 
     params = resolve_params(f"defense '{defense_name}'", defense_cls.PARAMS, req.params, preset)
     defense = defense_cls(**params)
@@ -250,7 +247,7 @@ def prepare(req: Request) -> Prepared:
             full = resolve_params(f"attack '{name}'", cls.PARAMS, given, preset)
         user = {k: full[k] for k in given}
         attack = cls(**full)
-        attack.validate(data_mod.DATASETS[dataset])
+        attack.validate(data.spec)
         spec = AttackSpec(name, tuple(sorted(user.items())))
         if spec.label in labels:  # e.g. pgd10 and pgd10[eps=8/255] at the default budget
             continue
@@ -258,8 +255,6 @@ def prepare(req: Request) -> Prepared:
         attacks.append((spec, attack))
 
     out = require_writable(req.out)
-    data = _load_data(dataset, None if req.data_dir is None else str(req.data_dir), preset.n_train, preset.n_val,
-                      preset.n_test)
     if req.base_checkpoints or not models.is_builtin(arch):
         # the user's factory runs and its model answers a batch as a classifier of this data, or we say why
         probe = models.build_model(arch, data.spec, normalize)
