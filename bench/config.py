@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.errors import BenchError, did_you_mean, unknown
-from bench.params import Param, convert, exact_text
+from bench.params import Param, convert, exact_text, parse_assignments, parse_item  # (re-exported)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -227,12 +227,13 @@ class RunConfig:
     normalize: tuple | None = None  # (means, stds) put in front of the model (--normalize), or None
     model_source: str = ""  # sha256 of the model factory's source file, for a model from outside bnbench
     meta: tuple = ()  # sorted (field, value) pairs of --meta: stored with the run, not part of its identity
+    standard: tuple = ()  # (field, value): the data's standard value of each of ADDED_FIELDS
 
     def identity(self) -> dict:
         """What determines the defended model and its clean/attack results (not where they are stored)."""
         return {
             "defense": self.defense, "params": [list(p) for p in self.params],
-            "preset": preset_identity(self.preset, self.dataset), "dataset": self.dataset,
+            "preset": preset_identity(self.preset, dict(self.standard)), "dataset": self.dataset,
             **model_identity(self.arch, self.model_source, self.normalize),
             "seed": self.seed, "precision": self.precision, "data": self.data_fingerprint,
             "base_checkpoints": [[r, s] for r, _, s in self.base_checkpoints],
@@ -249,13 +250,12 @@ class RunConfig:
 ADDED_FIELDS = ("eps_l1",)
 
 
-def preset_identity(preset: Preset, dataset: str) -> dict:
-    from bench import data  # (the dataset's standard budgets)
-
+def preset_identity(preset: Preset, standard: dict) -> dict:
+    """The preset as a run's identity holds it: `standard` gives the data's standard value of each added
+    field (RunConfig.standard), at which the field is left out."""
     out = dataclasses.asdict(preset)
-    spec = data.DATASETS.get(dataset)
     for name in ADDED_FIELDS:
-        if spec is not None and out[name] == getattr(spec, name, None):
+        if name in standard and out[name] == standard[name]:
             del out[name]
     return out
 
@@ -385,27 +385,6 @@ def validate_meta(meta: dict) -> tuple:
         if colon and norm not in NORMS:
             raise BenchError(f"--meta {key}: the threat model must be one of {', '.join(NORMS)}, got '{norm}'")
     return tuple(sorted((k, str(v)) for k, v in meta.items()))
-
-
-def parse_assignments(items, what: str) -> dict[str, str]:
-    """['k=v', ...] -> {'k': 'v'}; a malformed item is a user error."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BenchError(f"malformed {what} '{item}': expected key=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def parse_item(item: str, kind: str) -> tuple[str, dict[str, str]]:
-    """'name[key=value;...]' -> ('name', {'key': 'value', ...}): how an attack or a dataset takes options."""
-    name, bracket, rest = item.partition("[")
-    if not bracket:
-        return item.strip(), {}
-    if not rest.endswith("]"):
-        raise BenchError(f"malformed {kind} '{item}': expected name[key=value;...]")
-    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"{kind} '{item}'")
 
 
 def parse_attack_params(items, flag: str = "--attack-param") -> dict[str, dict[str, str]]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError, did_you_mean, unknown
-from bench.params import Param, convert, exact_text
+from bench.params import Param, convert, exact_text, parse_item
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,6 @@ def names() -> list[str]:
 def resolve(item: str) -> Source:
     """'imagefolder[size=64]' -> its loader and converted options; unknown names and options are user errors."""
     from bench import registry
-    from bench.config import parse_item
 
     name, given = parse_item(item, "dataset")
     if name in _IN_MEMORY:

@@ -237,3 +237,28 @@ def exact_text(value: Any) -> str:
     if k and k / 255 == value and len(f"{k}/255") < len(text):
         return f"{k}/255"
     return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# option text: how the command line writes values and items with options
+
+
+def parse_assignments(items, what: str) -> dict[str, str]:
+    """['k=v', ...] -> {'k': 'v'}; a malformed item is a user error."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"malformed {what} '{item}': expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_item(item: str, kind: str) -> tuple[str, dict[str, str]]:
+    """'name[key=value;...]' -> ('name', {'key': 'value', ...}): how an attack or a dataset takes options."""
+    name, bracket, rest = item.partition("[")
+    if not bracket:
+        return item.strip(), {}
+    if not rest.endswith("]"):
+        raise BenchError(f"malformed {kind} '{item}': expected name[key=value;...]")
+    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"{kind} '{item}'")

@@ -276,7 +276,8 @@ def prepare(req: Request) -> Prepared:
                     device=str(device), precision=precision, protocol=req.protocol, out=str(out),
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
                     command=req.command, normalize=normalize, model_source=model_source,
-                    save_adversarial=bool(req.save_adversarial), meta=config_mod.validate_meta(req.meta))
+                    save_adversarial=bool(req.save_adversarial), meta=config_mod.validate_meta(req.meta),
+                    standard=tuple((n, getattr(data.spec, n)) for n in config_mod.ADDED_FIELDS))
     return Prepared(cfg, defense, attacks, data, device)
 
 

@@ -114,6 +114,6 @@ def test_the_l1_budget_is_a_preset_field_checked_against_the_image_cube():
     with pytest.raises(config.BenchError, match=r"eps_l1 must be <= 64 \(the L1 diameter"):
         config.concrete(config.override_preset(config.get_preset("smoke"), {"eps_l1": "65"}), spec)
     # at the dataset's standard the field stays out of the identity (run ids from before it existed hold)
-    assert "eps_l1" not in config.preset_identity(preset, "digits")
+    assert "eps_l1" not in config.preset_identity(preset, {"eps_l1": spec.eps_l1})
     changed = config.override_preset(preset, {"eps_l1": "3"})
-    assert config.preset_identity(changed, "digits")["eps_l1"] == 3.0
+    assert config.preset_identity(changed, {"eps_l1": spec.eps_l1})["eps_l1"] == 3.0
