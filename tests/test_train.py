@@ -135,7 +135,7 @@ def _fake_ctx(preset):
     model = fresh()
     return SimpleNamespace(preset=preset, seed=0, arch="tiny_cnn", device=DEVICE, precision="fp32",
                            data=SimpleNamespace(spec=spec_, train=None, val=SimpleNamespace(subset=lambda s: None)),
-                           base=lambda recipe: model, split=lambda name: None, progress=None,
+                           base=lambda recipe: model, build_model=fresh, split=lambda name: None, progress=None,
                            generator=lambda purpose: torch.Generator(),
                            cached_model=lambda kind, identity, model, run: run())
 
