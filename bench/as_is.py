@@ -42,9 +42,10 @@ class AsIs(Defense):
 
     def build(self, ctx) -> Defended:
         recipe = self.checkpoint_recipe(ctx.arch, ctx.base_checkpoints, self.params.recipe)
-        if recipe is None:
+        if recipe is None and not models.is_instance(ctx.arch):  # (an object from bench.evaluate has its weights)
             ctx.log.warning("as_is: no --checkpoint given: model '%s' is evaluated as its factory builds it "
                             "(with the weights the factory itself loads, if any)", ctx.arch)
+        if recipe is None:
             model = ctx.build_model()
         else:
             model = ctx.base(recipe)

@@ -294,6 +294,11 @@ def _module_of(name: str) -> str:
     return prov.value.partition(":")[0] if prov else ""
 
 
+def is_instance(name: str) -> bool:
+    """Whether `name` stands for a model object given in this process (register_instance), weights and all."""
+    return name in _INSTANCES
+
+
 def is_builtin(name: str) -> bool:
     """Whether `name` is one of bnbench's own architectures (which never load weights themselves)."""
     return _module_of(name) == __name__
