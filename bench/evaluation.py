@@ -146,12 +146,15 @@ def evaluate(model: torch.nn.Module | str, data: Any, attacks: str = "all", thre
     req.command = f"bench.evaluate({_describe(model)}, {_describe(data)}, attacks={attacks!r}, threat={threat!r})"
     temporary = tempfile.TemporaryDirectory(prefix="bench-evaluate-") if out is None else None
     req.out = str(out) if out is not None else temporary.name
-    logging.getLogger("bench").setLevel(logging.WARNING if quiet else logging.INFO)
+    logger = logging.getLogger("bench")
+    level = logger.level
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         prep = runner.prepare(req)
         result = runner.execute(prep, quiet=quiet)
         return _report(prep, result, keep_out=out is not None)
     finally:
+        logger.setLevel(level)  # the caller's logging is theirs
         if temporary is not None:
             temporary.cleanup()
 

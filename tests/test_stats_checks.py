@@ -261,20 +261,19 @@ def test_undeclared_randomness_switches_to_randomized_evaluation(plugin_env, out
     """toy_random adds input noise without declaring randomized=True: the determinism probe catches it."""
     from bench.store import Store
 
-    res = bench_subprocess("run", "--preset", "smoke", "--defense", "toy_random", "--attacks", "pgd10",
-                           "--set", "n_test=32", "--out", out_dir, "--quiet", env=plugin_env)
-    assert res.returncode == 0, res.stderr
-    (run,) = Store(out_dir, create=False).runs()
+    def run_toy_random(attacks: str) -> tuple[dict, dict]:
+        res = bench_subprocess("run", "--preset", "smoke", "--defense", "toy_random", "--attacks", attacks,
+                               "--set", "n_test=32", "--out", out_dir, "--quiet", env=plugin_env)
+        assert res.returncode == 0, res.stderr
+        (run,) = Store(out_dir, create=False).runs()
+        return run, {c["attack"]: c for c in Store(out_dir, create=False).cells()}
+
+    run, cells = run_toy_random("pgd10")
     assert run["randomized"] == 1
-    cells = {c["attack"]: c for c in Store(out_dir, create=False).cells()}
     assert cells["clean"]["extra"]["repeats"] == 10 and "acc_std" in cells["pgd10"]["extra"]
     # resumed with one more attack: the stored probes are reused, and say the defense is randomized
-    res = bench_subprocess("run", "--preset", "smoke", "--defense", "toy_random", "--attacks", "pgd10,fgsm",
-                           "--set", "n_test=32", "--out", out_dir, "--quiet", env=plugin_env)
-    assert res.returncode == 0, res.stderr
-    (run,) = Store(out_dir, create=False).runs()
+    run, cells = run_toy_random("pgd10,fgsm")
     assert run["randomized"] == 1
-    cells = {c["attack"]: c for c in Store(out_dir, create=False).cells()}
     assert "acc_std" in cells["fgsm"]["extra"]
 
 
