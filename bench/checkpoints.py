@@ -269,16 +269,92 @@ def base_model(ctx, recipe: str) -> nn.Module:
         load_into(model, load(path, require_digest=True), str(path), arch=ctx.arch, dataset=ctx.data.name)
         return model.eval()
 
-    return _cached_once(path, ctx.log, f"base {recipe}", cache_hit, lambda: _train_base(ctx, recipe, path))
+    model = _cached_once(path, ctx.log, f"base {recipe}", cache_hit, lambda: _train_base(ctx, recipe, path))
+    _note(ctx, path, model)
+    return model
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A digest of a model's weights alone (a checkpoint file also holds when and how fast it was trained)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _note(ctx, path: Path, model: nn.Module | None = None) -> None:
+    """Record what a cached file the run used holds: its model's weights digest, or a memo's sha256."""
+    if isinstance(getattr(ctx, "cached_files", None), dict):
+        ctx.cached_files[path.name] = (weights_sha256(model) if model is not None
+                                       else hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+class LocalCache:
+    """The cache of one machine: the files under the cache folder, nothing beyond them. A sweep on a cluster
+    (bench.cluster) installs a cache that also fetches files from, and publishes them to, the driver's."""
+
+    def fetch(self, path: Path) -> bool:
+        """Bring `path` here from elsewhere if it is cached there; whether it now exists."""
+        return False
+
+    @contextlib.contextmanager
+    def producing(self, path: Path, log, what: str):
+        """Held while this process computes `path`; elsewhere nobody computes it meanwhile. On leaving, the
+        file may exist because another machine made it (it was fetched): then it is not computed again."""
+        yield
+
+
+shared = LocalCache()  # replaced by bench.cluster in a worker of a sweep on Ray
+
+
+def use_shared_cache(cache: LocalCache) -> None:
+    global shared
+    shared = cache
 
 
 def _cached_once(path: Path, log, what: str, cache_hit: Callable[[], Any], train_and_save: Callable[[], Any]):
-    """cache_hit() if `path` is cached, else train_and_save(), which no other process runs meanwhile."""
-    if not path.exists():
+    """cache_hit() if `path` is cached, else train_and_save(), which no other process runs meanwhile (on
+    this machine: a file lock; on a cluster: the shared cache's claim)."""
+    if not path.exists() and not shared.fetch(path):
         with training_lock(path, log, what):
             if not path.exists():  # a process we waited for may have cached it
-                return train_and_save()
+                with shared.producing(path, log, what):
+                    if not path.exists():  # or another machine did, and it was fetched
+                        return train_and_save()
     return cache_hit()
+
+
+def transfer_bytes(path: Path) -> tuple[bytes, str]:
+    """A cached file's bytes and sha256 to send to another machine; a checkpoint's must match its sidecar."""
+    path = Path(path)
+    sidecar = Path(str(path) + ".sha256")
+    if path.suffix == ".pt":
+        with _flock(path.parent / PAIR_LOCK, exclusive=False):
+            data, expected = _read_pair(path, sidecar)
+        digest = hashlib.sha256(data).hexdigest()
+        if expected != digest:
+            raise BenchError(f"cached {path.name} does not match its sha256 sidecar; not sent")
+        return data, digest
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def install_bytes(path: Path, data: bytes, digest: str) -> None:
+    """Write a cached file received from another machine, after checking the sha256 it was sent with (a
+    checkpoint gets its sidecar, written first, as `save` does)."""
+    path = Path(path)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise BenchError(f"{path.name} arrived with another sha256 than it was sent with; not installed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".pt":
+        with _flock(path.parent / PAIR_LOCK, exclusive=True):
+            _write_atomic(Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(digest + "\n"))
+            _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    else:
+        _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _train_base(ctx, recipe: str, path: Path) -> nn.Module:
@@ -334,20 +410,28 @@ def cached_model(ctx, kind: str, identity: dict, model: nn.Module, train_fn) -> 
                                         "info": json.dumps(info, default=to_json)})
         return json.loads(json.dumps(info, default=to_json))
 
-    return _cached_once(path, ctx.log, kind, cache_hit, train_and_save)
+    info = _cached_once(path, ctx.log, kind, cache_hit, train_and_save)
+    _note(ctx, path, model)
+    return info
 
 
 def memo(ctx, kind: str, identity: dict, compute):
     path = ctx.cache_dir / "memo" / f"{kind}-{_scoped_key(ctx, kind, identity)}.json"
-    if path.exists():
+    if path.exists() or shared.fetch(path):
         try:
-            return json.loads(path.read_text())["value"]
+            value = json.loads(path.read_text())["value"]
+            _note(ctx, path)
+            return value
         except (ValueError, KeyError, TypeError):  # not JSON, or JSON of another shape
             ctx.log.warning("%s: unreadable cache file %s, recomputing", kind, path.name)
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"kind": kind, "identity": identity, "value": value}, default=to_json)
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    return json.loads(text)["value"]
+            path.unlink(missing_ok=True)
+    with shared.producing(path, ctx.log, kind):
+        if not path.exists():  # (else another machine computed it meanwhile)
+            value = compute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"kind": kind, "identity": identity, "value": value}, default=to_json)
+            _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    _note(ctx, path)
+    return json.loads(path.read_text())["value"]
 
 

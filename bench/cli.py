@@ -253,15 +253,35 @@ def check_cmd(**opts) -> None:
 @click.argument("file", type=str)
 @click.option("--out", help="Results directory (default: the file's `out`, else results).")
 @click.option("--dry-run", is_flag=True, help="Validate and list the runs without running them.")
+@click.option("--status", "show_status", is_flag=True,
+              help="Show each job's state in the results database (done, partial, failed, not started); run nothing.")
+@click.option("--executor", default="local", show_default=True,
+              help="local (one job after another in this process) or ray (each job a Ray task, on this machine "
+                   "or the cluster of --address).")
+@click.option("--address", help="The Ray cluster to join (auto, or HOST:PORT of its head); without it, Ray "
+                                "starts on this machine. Only with --executor ray.")
+@click.option("--cpus-per-job", default=1.0, show_default=True, type=float,
+              help="CPUs each Ray task asks for (a job with --device cuda also asks for one GPU).")
+@click.option("--shard", metavar="I/N", help="Run only the I-th of N slices of the grid (1-based, e.g. a Slurm "
+                                            "array task); merge the slices' databases with `bench merge`.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def sweep_cmd(file: str, out: str | None, dry_run: bool, quiet: bool) -> None:
+def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, executor: str, address: str | None,
+              cpus_per_job: float, shard: str | None, quiet: bool) -> None:
     """Run a grid of (defense, params, seed) cells from a TOML file, resuming finished cells."""
     from tabulate import tabulate
 
     from bench import sweep
 
     _setup_logging(True)
-    results = sweep.run(file, out=out, quiet=quiet, dry_run=dry_run)
+    if show_status:
+        rows = sweep.status(file, out=out, shard=shard)
+        click.echo(tabulate([[r["label"], r["run_id"][:10], r["state"], f"{r['cells']}/{r['wanted'] or '?'}"]
+                             for r in rows], headers=["run", "config", "state", "cells"]))
+        counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "partial", "failed", "not started")}
+        click.echo(f"{len(rows)} jobs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+        return
+    results = sweep.run(file, out=out, quiet=quiet, dry_run=dry_run, executor=executor, address=address,
+                        shard=shard, cpus_per_job=cpus_per_job)
     if dry_run:
         click.echo(tabulate([[r["label"], r["run_id"][:10], r["command"]] for r in results],
                             headers=["run", "config", "command"]))
@@ -277,7 +297,28 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, quiet: bool) -> None:
                      " ".join("—" if w["accuracy"] != w["accuracy"] else f"{100 * w['accuracy']:.2f}" for w in worst),
                      status])
     click.echo(tabulate(rows, headers=["run", "config", "clean %", "worst case %", "status"]))
+    if executor == "ray":
+        nodes = sorted({n for r in results for n in r.get("nodes", [])})
+        click.echo("jobs per node: " + ", ".join(
+            f"{n[:8]} {sum(n in r.get('nodes', []) for r in results)}" for n in nodes) if nodes else
+            "jobs per node: none ran (every job was finished)")
+        for r in results:  # a job started more than once: Ray re-ran it after its worker or node was lost
+            if len(r.get("nodes", [])) > 1:
+                click.echo(f"retried: {r['label']} (started on {' then '.join(n[:8] for n in r['nodes'])}); "
+                           f"its finished cells were kept, the rest computed again")
     exit_on_failures([f for r in results for f in r["summary"]["failures"]], results[0]["out"] if results else ".")
+
+
+@cli.command("merge")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", default="results", show_default=True, help="Results directory to merge into.")
+def merge_cmd(sources: tuple[str, ...], out: str) -> None:
+    """Merge results databases (folders or their results.sqlite) into --out; conflicting cells are refused."""
+    from bench import merge
+
+    counts = merge.merge(list(sources), out)
+    click.echo(f"merged {counts['sources']} database(s) into {Path(out)}: {counts['runs']} run(s) and "
+               f"{counts['cells']} cell(s) added")
 
 
 @cli.command("leaderboard")

@@ -44,6 +44,9 @@ class Context:
                 "preset": dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else str(preset),
                 "base_checkpoints": sorted(self.base_checkpoints.items())}, getattr(data, "train_fingerprint", ""))
         self.scope = scope
+        # every cached model and memo this run built on (file name -> sha256): shards of a sweep that trained
+        # the same base differently are told apart when their databases are merged
+        self.cached_files: dict[str, str] = {}
 
     def split(self, which: str):
         """The split a defense selects or monitors on: "val" or "test". Reading the test split puts the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import sqlite3
 import subprocess
@@ -351,22 +350,20 @@ class Failure:
         return f"bench: {self.plugin} failed: {self.error}"
 
 
-def execute(prep: Prepared, *, quiet: bool = False) -> dict:
+def execute(prep: Prepared, *, quiet: bool = False, store: Store | None = None) -> dict:
     """Build the defense (unless every cell is finished) and evaluate the unfinished cells. A plugin that
     raises fails its cell (an attack) or this job (the defense): stored, named in the result's
-    `failures`, never raised."""
+    `failures`, never raised. `store`: where results go (default: the database in the run's `out`; a sweep
+    on a cluster gives one that sends each cell to the driver's database)."""
     cfg = prep.config
     run_id = cfg.run_id
-    store = Store(cfg.out)
+    own_store = store is None
+    store = Store(cfg.out) if own_store else store
     failures: list[Failure] = []
     try:
         finished = store.finished(run_id)
         known = {r["run_id"]: r for r in store.runs() if r["run_id"] == run_id}
-        has_surrogate = bool(known[run_id]["has_surrogate"]) if run_id in known else None
-        randomized = bool(known[run_id]["randomized"]) if run_id in known else None
-        protocol = _protocol_for(cfg, has_surrogate)
-        attacks = substitute(prep.attacks, randomized, cfg.preset)
-        wanted = [(CLEAN, NO_PROTOCOL)] + [(spec.label, protocol) for spec, _ in attacks]
+        attacks, protocol, wanted = cells_wanted(prep, known.get(run_id))
         if run_id in known:  # a new run records its request once it exists (after the build, in _evaluate)
             store.put_requests(run_id, requested(attacks, protocol))
         todo = [cell for cell in wanted if cell not in finished]
@@ -385,7 +382,31 @@ def execute(prep: Prepared, *, quiet: bool = False) -> dict:
         result["failures"] = failures
         return result
     finally:
-        store.close()
+        if own_store:
+            store.close()
+
+
+def cells_wanted(prep: Prepared, run: dict | None) -> tuple[list, str, list[tuple[str, str]]]:
+    """The attacks (substituted for a randomized defense), protocol and (cell, protocol) keys a job asks of
+    its run; `run` is the stored run, whose build told whether it has a surrogate and is randomized."""
+    cfg = prep.config
+    has_surrogate = bool(run["has_surrogate"]) if run is not None else None
+    randomized = bool(run["randomized"]) if run is not None else None
+    protocol = _protocol_for(cfg, has_surrogate)
+    attacks = substitute(prep.attacks, randomized, cfg.preset)
+    return attacks, protocol, [(CLEAN, NO_PROTOCOL)] + [(spec.label, protocol) for spec, _ in attacks]
+
+
+def job_state(prep: Prepared, store: Store) -> tuple[int, int, int]:
+    """(cells wanted, finished, failed) of a job in `store`: what `bench sweep --status` shows."""
+    run_id = prep.config.run_id
+    run = next((r for r in store.runs() if r["run_id"] == run_id), None)
+    _, _, wanted = cells_wanted(prep, run)
+    finished = store.finished(run_id)
+    failed = {(f["cell"], f["protocol"]) for f in store.failures(run_id)}
+    done = sum(cell in finished for cell in wanted)
+    broken = (BUILD, NO_PROTOCOL) in failed or any(cell in failed for cell in wanted if cell not in finished)
+    return len(wanted), done, int(broken)
 
 
 def requested(attacks: list[tuple[AttackSpec, Attack]], protocol: str) -> list[tuple[str, str, str]]:
@@ -407,9 +428,8 @@ def _failed(store: Store, prep: Prepared, failures: list[Failure], kind: str, na
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     log.debug("%s", trace)
     try:  # for the plugin's author; the user sees one line
-        with open(Path(cfg.out) / FAILURE_LOG, "a", encoding="utf-8") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {cfg.run_id[:10]} cell {cell} ({protocol}): "
-                    f"{failure.plugin}\n{trace}\n")
+        store.append_text(FAILURE_LOG, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {cfg.run_id[:10]} cell "
+                                       f"{cell} ({protocol}): {failure.plugin}\n{trace}\n")
     except OSError:
         pass
 
@@ -495,6 +515,7 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         "batch_dependent": int(defended.batch_dependent), "randomized": int(defended.randomized),
         "has_surrogate": int(defended.surrogate is not None),
         "info": {**defended.info, RUN_INFO: {"forward_passes": defended.forward_passes,
+                                             "cached_files": dict(sorted(ctx.cached_files.items())),
                                              "meta": {**_stored_meta(store, run_id), **dict(cfg.meta)}}},
         "build_seconds": build_seconds,
     })
@@ -541,7 +562,7 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         log.info("%s (%s): %.2f%% of %d (%.1fs)", spec.label, protocol, 100 * res.accuracy, len(res.flags),
                  res.seconds)
         if res.adversarial is not None:
-            save_adversarial(Path(cfg.out), run_id, spec.label, protocol, res, test.y)
+            save_adversarial(store, run_id, spec.label, protocol, res, test.y)
 
 
 ADVERSARIAL = "adversarial"
@@ -553,15 +574,15 @@ def adversarial_path(out: Path, run_id: str, label: str, protocol: str) -> Path:
     return Path(out) / ADVERSARIAL / run_id[:16] / f"{safe}.{protocol}.npz"
 
 
-def save_adversarial(out: Path, run_id: str, label: str, protocol: str, res: CellResult, y: torch.Tensor) -> None:
+def save_adversarial(store: Store, run_id: str, label: str, protocol: str, res: CellResult, y: torch.Tensor) -> None:
     """The cell's adversarial images (float32, exactly as attacked), labels and per-sample verdicts, in one
-    compressed npz written under a temporary name and renamed, so a file that exists is complete."""
-    path = adversarial_path(out, run_id, label, protocol)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, x_adv=res.adversarial.float().numpy(), y=y.cpu().numpy(), correct=res.flags,
+    compressed npz that the store writes completely or not at all."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x_adv=res.adversarial.float().numpy(), y=y.cpu().numpy(), correct=res.flags,
                         attack=np.array(label), protocol=np.array(protocol))
-    os.replace(tmp, path)
+    store.write_file(str(adversarial_path(Path("."), run_id, label, protocol)), buffer.getvalue())
 
 
 def check_attacks() -> list[str]:

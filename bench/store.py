@@ -299,6 +299,27 @@ class Store:
                 "INSERT OR REPLACE INTO checks (run_id, name, status, detail, flag, created) VALUES (?,?,?,?,?,?)",
                 [(run_id, name, status, detail, flag, time.time()) for name, status, detail, flag in results])
 
+    def write_file(self, relpath: str, data: bytes) -> None:
+        """A file that belongs with the results (a cell's adversarial images), written under a temporary name
+        and renamed, so a file that exists is complete. Runs on another machine send it here."""
+        path = self._inside(relpath)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def append_text(self, relpath: str, text: str) -> None:
+        """Append to a text file beside the database (failures.log: the tracebacks a user does not see)."""
+        with open(self._inside(relpath), "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def _inside(self, relpath: str) -> Path:
+        root = self.path.parent.resolve()
+        path = (root / relpath).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise BenchError(f"refusing to write {relpath!r} outside the results directory {root}")
+        return path
+
     # -- reading -------------------------------------------------------------------------------------
 
     def finished(self, run_id: str) -> set[tuple[str, str]]:

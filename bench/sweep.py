@@ -19,6 +19,7 @@ is interrupted and started again continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shlex
 from dataclasses import dataclass
@@ -113,16 +114,63 @@ def _value(v) -> str:
     return str(v)
 
 
-def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_run: bool = False) -> list[dict]:
-    """Validate every job, then run them in order with one progress bar for the grid."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8): the second of eight slices (1-based, as a Slurm array --array=1-8 numbers them)."""
+    try:
+        i, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise BenchError(f"--shard must be I/N, e.g. 1/4 (the first of four slices), got '{text}'") from None
+    if not 1 <= i <= n:
+        raise BenchError(f"--shard {text}: I must be between 1 and N")
+    return i, n
+
+
+def select(todo: list[Job], shard: str | None) -> list[Job]:
+    """The jobs of one shard: every N-th job from the I-th on, so slices of a grid of cells alike are alike."""
+    if shard is None:
+        return todo
+    i, n = parse_shard(shard)
+    return todo[i - 1::n]
+
+
+def _prepare(todo: list[Job], executor: str) -> list:
+    from bench import runner
+
+    out = []
+    for job in todo:
+        req = job.request
+        if executor == "ray" and str(req.device).startswith("cuda"):
+            # the driver may have no GPU: validate here on the CPU (the device is outside a run's identity)
+            req = dataclasses.replace(req, device="cpu")
+        out.append(runner.prepare(req))
+    return out
+
+
+def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_run: bool = False,
+        executor: str = "local", address: str | None = None, shard: str | None = None,
+        cpus_per_job: float = 1) -> list[dict]:
+    """Validate every job, then run them (in order here, or as Ray tasks) with one progress bar for the grid."""
     from tqdm.auto import tqdm
 
     from bench import runner
 
-    todo = jobs(path, out=out)
-    prepared = [runner.prepare(job.request) for job in todo]  # every mistake surfaces before any work
+    if executor not in ("local", "ray"):
+        raise BenchError(f"--executor must be local or ray, got '{executor}'")
+    if address is not None and executor != "ray":
+        raise BenchError("--address is for --executor ray")
+    if not cpus_per_job > 0:
+        raise BenchError(f"--cpus-per-job must be > 0, got {cpus_per_job}")
+    todo = select(jobs(path, out=out), shard)
+    prepared = _prepare(todo, executor)  # every mistake surfaces before any work
     if dry_run:
         return [{"label": j.label, "command": j.request.command, "run_id": p.config.run_id} for j, p in zip(todo, prepared)]
+    if not todo:
+        return []
+    if executor == "ray":
+        from bench import cluster
+
+        return cluster.run(todo, prepared, prepared[0].config.out, address=address, cpus_per_job=cpus_per_job,
+                           quiet=quiet)
     results = []
     bar = tqdm(list(zip(todo, prepared)), desc="sweep", disable=quiet, dynamic_ncols=True)
     for job, prep in bar:
@@ -132,3 +180,26 @@ def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_ru
         results.append({"label": job.label, "run_id": prep.config.run_id, "summary": summary,
                         "out": prep.config.out})
     return results
+
+
+def status(path: str | Path, *, out: str | None = None, shard: str | None = None) -> list[dict]:
+    """Each job's state in the results database: done, partial (cells finished of wanted), failed, not started."""
+    from bench import runner
+    from bench.store import DB_NAME, Store
+
+    todo = select(jobs(path, out=out), shard)
+    prepared = _prepare(todo, "ray")
+    rows = []
+    db = Path(prepared[0].config.out) / DB_NAME if prepared else None
+    store = Store(db.parent, create=False) if db is not None and db.is_file() else None
+    try:
+        for job, prep in zip(todo, prepared):
+            wanted, done, failed = runner.job_state(prep, store) if store is not None else (0, 0, 0)
+            state = ("failed" if failed else "done" if wanted and done == wanted else
+                     "partial" if done else "not started")
+            rows.append({"label": job.label, "run_id": prep.config.run_id, "state": state, "cells": done,
+                         "wanted": wanted})
+    finally:
+        if store is not None:
+            store.close()
+    return rows

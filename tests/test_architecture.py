@@ -92,3 +92,12 @@ def test_every_public_name_exists_has_its_own_docstring_and_is_in_the_readme():
         assert f"`{name}" in plugin_section, f"README's plugin section does not document {name}"
     with pytest.raises(AttributeError, match="no attribute 'pgd_attack'"):
         api.pgd_attack  # noqa: B018 -- a name that is not public is an AttributeError, not a lazy import
+
+
+def test_ray_is_an_optional_extra_that_only_the_cluster_executor_imports():
+    users = sorted(p.stem for p in CORE if any(m.split(".")[0] == "ray" for m in imported(p)))
+    assert users == ["cluster"]
+    graph = core_graph()
+    assert [m for m, deps in graph.items() if "cluster" in deps] == ["sweep"]  # `bench sweep --executor ray` only
+    source = (ROOT / "bench" / "sweep.py").read_text()
+    assert "from bench import cluster" in source.split("def run(")[1]  # imported when a Ray sweep starts

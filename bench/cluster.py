@@ -1,0 +1,323 @@
+"""`bench sweep --executor ray`: the jobs of a sweep as Ray tasks, on one machine or a cluster of them.
+
+One source of truth: the driver's results database, written by one process only. A `Coordinator` actor
+runs on the driver's node and owns the database and the cache folder beside it; a worker sends each
+finished cell to it the moment the cell is done (`RemoteStore`), so a worker that dies loses only the
+cell in progress, and the job's retry (Ray re-runs the task of a dead worker elsewhere) skips every cell
+the database already holds. No SQLite file is ever written by two machines or over a network file system.
+
+Trained models and memos reach other machines through the coordinator too (`ClusterCache`): a worker
+asks it before training; the first to ask trains (a claim, kept alive by a heartbeat), the others wait for
+it and then fetch the file, checked against the sha256 it was sent with. So no base model is trained twice
+anywhere in the cluster, and the driver's cache ends up holding every model, as a local sweep's does.
+
+Ray is an optional extra (`pip install -e ".[ray]"`); nothing else in bnbench imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from bench import checkpoints
+from bench.errors import BenchError
+from bench.registry import one_line
+from bench.store import Store
+
+log = logging.getLogger("bench")
+
+# a claim whose holder has not been heard of for this long is taken to be dead (its machine was lost)
+CLAIM_STALE_SECONDS = 30.0
+HEARTBEAT_SECONDS = 5.0
+POLL_SECONDS = 2.0
+# what a worker may ask of the driver's database (everything runner.execute uses)
+STORE_METHODS = frozenset({"put_run", "put_meta", "put_cell", "put_requests", "put_failure", "clear_failure",
+                           "put_checks", "write_file", "append_text", "finished", "runs", "cells", "requests",
+                           "failures", "checks"})
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BenchError("--executor ray needs Ray: pip install -e \".[ray]\" (or use --executor local, or "
+                         "--shard i/n with `bench merge`)") from None
+    return ray
+
+
+class Coordinator:
+    """The driver's side (a Ray actor pinned to the driver's node; its calls run one at a time): the results
+    database, the cache folder, claims on cache files being computed, and which jobs are running where."""
+
+    def __init__(self, out: str) -> None:
+        self.store = Store(out)
+        self.cache_root = Path(out) / "cache"
+        self.claims: dict[str, tuple[str, float]] = {}  # cache file -> (holder, last heard of)
+        self.running: dict[str, str] = {}  # job label -> node id
+        self.placed: list[tuple[str, str]] = []  # (job label, node id) of every start, retries included
+
+    def store_call(self, name: str, args: tuple, kwargs: dict):
+        if name not in STORE_METHODS:
+            raise BenchError(f"a worker asked the results database for '{name}'")
+        return getattr(self.store, name)(*args, **kwargs)
+
+    def _path(self, rel: str) -> Path:
+        path = (self.cache_root / rel).resolve()
+        if not path.is_relative_to(self.cache_root.resolve()):
+            raise BenchError(f"cache file {rel!r} is outside the cache folder")
+        return path
+
+    def fetch(self, rel: str) -> tuple[bytes, str] | None:
+        path = self._path(rel)
+        return checkpoints.transfer_bytes(path) if path.is_file() else None
+
+    def claim(self, rel: str, holder: str) -> str:
+        """'cached' (fetch it), 'granted' (compute it, then publish) or 'busy' (someone else computes it)."""
+        if self._path(rel).is_file():
+            return "cached"
+        now = time.time()
+        current = self.claims.get(rel)
+        if current is None or current[0] == holder or now - current[1] > CLAIM_STALE_SECONDS:
+            self.claims[rel] = (holder, now)
+            return "granted"
+        return "busy"
+
+    def heartbeat(self, rel: str, holder: str) -> None:
+        if self.claims.get(rel, ("",))[0] == holder:
+            self.claims[rel] = (holder, time.time())
+
+    def publish(self, rel: str, holder: str, data: bytes, digest: str) -> None:
+        path = self._path(rel)
+        if not path.is_file():
+            checkpoints.install_bytes(path, data, digest)
+        self.release(rel, holder)
+
+    def release(self, rel: str, holder: str) -> None:
+        if self.claims.get(rel, ("",))[0] == holder:
+            del self.claims[rel]
+
+    def job_started(self, label: str, node: str) -> None:
+        self.running[label] = node
+        self.placed.append((label, node))
+
+    def job_ended(self, label: str) -> None:
+        self.running.pop(label, None)
+
+    def state(self) -> tuple[int, list[tuple[str, str]]]:
+        return len(self.running), list(self.placed)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class RemoteStore:
+    """The store a worker's runner.execute writes to: every call goes to the driver's database."""
+
+    def __init__(self, coordinator) -> None:
+        self._coordinator = coordinator
+
+    def __getattr__(self, name: str):
+        if name not in STORE_METHODS:
+            raise AttributeError(name)
+        ray = require_ray()
+        return lambda *args, **kwargs: ray.get(self._coordinator.store_call.remote(name, args, kwargs))
+
+    def close(self) -> None:  # the driver's database stays open for the other jobs
+        pass
+
+
+class ClusterCache(checkpoints.LocalCache):
+    """A worker's cache: its local folder, filled from and published to the driver's (see the module doc)."""
+
+    def __init__(self, coordinator, root: Path) -> None:
+        self.coordinator = coordinator
+        self.root = Path(root)
+        self.holder = uuid.uuid4().hex  # this attempt of this job: a retry is a new holder
+
+    def _rel(self, path: Path) -> str | None:
+        path = Path(path)
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else None
+
+    def fetch(self, path: Path) -> bool:
+        rel = self._rel(path)
+        if rel is None:
+            return False
+        ray = require_ray()
+        got = ray.get(self.coordinator.fetch.remote(rel))
+        if got is None:
+            return False
+        checkpoints.install_bytes(Path(path), *got)
+        return True
+
+    @contextlib.contextmanager
+    def producing(self, path: Path, log, what: str):
+        rel = self._rel(path)
+        if rel is None:
+            yield
+            return
+        ray = require_ray()
+        said = False
+        while True:
+            answer = ray.get(self.coordinator.claim.remote(rel, self.holder))
+            if answer == "cached":
+                self.fetch(path)
+                yield
+                return
+            if answer == "granted":
+                break
+            if not said:
+                log.info("%s: waiting for another machine computing %s", what, Path(path).name)
+                said = True
+            time.sleep(POLL_SECONDS)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                ray.get(self.coordinator.heartbeat.remote(rel, self.holder))
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            ray.get(self.coordinator.release.remote(rel, self.holder))
+            raise
+        stop.set()
+        if Path(path).is_file():
+            data, digest = checkpoints.transfer_bytes(Path(path))
+            ray.get(self.coordinator.publish.remote(rel, self.holder, data, digest))
+        else:
+            ray.get(self.coordinator.release.remote(rel, self.holder))
+
+
+def _worker_dir(out: str) -> Path:
+    """A worker's own folder for one driver's results directory (its cache copies, kept between jobs)."""
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "bnbench-ray" / key
+
+
+def run_job(request, key: str, coordinator, driver_out: str, env: dict) -> dict:
+    """One job on a worker: validate it here, build, evaluate; every cell goes to the driver's database."""
+    ray = require_ray()
+    from bench import runner
+
+    # (set here, not as a Ray runtime_env: workers of another env are not reused, each job would start one)
+    os.environ.update(env)
+
+    node = ray.get_runtime_context().get_node_id()
+    if not log.handlers:  # the worker's log file (Ray's logs folder on its machine) tells what the job did
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s bench: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    ray.get(coordinator.job_started.remote(key, node))
+    try:
+        local = _worker_dir(driver_out) / node[:12]  # (two nodes may share a machine, as in the tests)
+        # Ray shows a task the GPU it was given, as cuda:0; a task given none stays off the GPUs
+        device = "cuda" if ray.get_gpu_ids() else "cpu" if request.device == "auto" else request.device
+        request = dataclasses.replace(request, out=str(local), quiet=True, device=device)
+        prep = runner.prepare(request)
+        checkpoints.use_shared_cache(ClusterCache(coordinator, local / "cache"))
+        try:
+            summary = runner.execute(prep, quiet=True, store=RemoteStore(coordinator))
+        finally:
+            checkpoints.use_shared_cache(checkpoints.LocalCache())
+        return {"summary": summary, "node": node}
+    finally:
+        ray.get(coordinator.job_ended.remote(key))
+
+
+def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_job: float, quiet: bool) -> list[dict]:
+    """Run the jobs on Ray; returns one result per job in sweep order, as the local executor does."""
+    ray = require_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from tqdm.auto import tqdm
+
+    from bench import runner
+
+    results: dict[int, dict] = {}
+    pending_jobs = []
+    store = Store(out)
+    try:  # finished jobs are summarised here, without a task
+        for i, (job, prep) in enumerate(zip(todo, prepared)):
+            wanted, done, _ = runner.job_state(prep, store)
+            if done == wanted:
+                results[i] = {"summary": runner.execute(prep, quiet=True, store=store)}
+            else:
+                pending_jobs.append(i)
+    finally:
+        store.close()
+
+    env = {k: os.environ[k] for k in ("BENCH_DATA_DIR",) if k in os.environ}
+    started_here = address is None  # Ray on this machine only, for this sweep: no dashboard to pay for
+    ray.init(address=address, log_to_driver=False, configure_logging=False,
+             **({"include_dashboard": False} if started_here else {}))
+    try:
+        asks = {todo[i].request.device for i in pending_jobs}
+        gpus = 1 if any(d.startswith("cuda") for d in asks) or (
+            "auto" in asks and ray.cluster_resources().get("GPU", 0) > 0) else 0
+        driver_node = ray.get_runtime_context().get_node_id()
+        coordinator = ray.remote(Coordinator).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False)
+        ).remote(str(Path(out).resolve()))
+        task = ray.remote(run_job).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=3)
+        refs = {task.remote(todo[i].request, str(i), coordinator, str(Path(out).resolve()), env): i
+                for i in pending_jobs}
+        failed, shown = 0, ""
+        bar = tqdm(total=len(todo), initial=len(todo) - len(refs), desc="sweep", disable=quiet, dynamic_ncols=True)
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+            for ref in ready:
+                i = refs[ref]
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # the job raised (a user's mistake) or ran out of retries
+                    cause = getattr(exc, "cause", None) or exc
+                    failed += 1
+                    results[i] = {"error": one_line(cause) if isinstance(cause, Exception) else str(cause)}
+                    if isinstance(cause, BenchError):
+                        results[i]["error"] = str(cause)
+                else:
+                    failed += bool(results[i]["summary"]["failures"])
+                bar.update(1)
+            running, _ = ray.get(coordinator.state.remote())
+            postfix = f"running {running}, failed {failed}"
+            if postfix != shown:
+                bar.set_postfix_str(postfix)
+                shown = postfix
+        bar.close()
+        _, placed = ray.get(coordinator.state.remote())
+        ray.get(coordinator.close.remote())
+    finally:
+        ray.shutdown()
+
+    nodes: dict[int, list[str]] = {}
+    for key, node in placed:
+        nodes.setdefault(int(key), []).append(node)
+    out_list = []
+    store = Store(out)
+    try:
+        for i, (job, prep) in enumerate(zip(todo, prepared)):
+            r = results[i]
+            if "error" in r:  # the job's own cells and failures as stored, and the job's error
+                labels = [spec.label for spec, _ in prep.attacks]
+                summary = runner.summary(store, prep.config.run_id, labels, prep.config)
+                summary["failures"] = [runner.Failure(f"sweep job '{job.label}'", runner.BUILD, runner.NO_PROTOCOL,
+                                                      r["error"])]
+            else:
+                summary = r["summary"]
+            out_list.append({"label": job.label, "run_id": prep.config.run_id, "summary": summary, "out": out,
+                             "nodes": nodes.get(i, [])})
+    finally:
+        store.close()
+    return out_list

@@ -1,0 +1,128 @@
+"""`bench merge SOURCE... --out OUT`: the results databases of a sweep's shards (`bench sweep --shard i/n`,
+one per machine of a Slurm array) merged into one.
+
+A cell stored in two databases must be the same evaluation: same attack parameters, budget and per-sample
+verdicts. If any differs, nothing is written and the conflicts are named (two shards trained different base
+models, or ran different code). Merging is idempotent: a source merged twice adds nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import checks as checks_mod
+from bench.config import RUN_INFO
+from bench.errors import BenchError
+from bench.store import DB_NAME, Store, pack
+
+# what makes two stored cells the same evaluation (not when or how fast it ran)
+CELL_CONTENT = ("name", "params", "norm", "eps", "threat", "n", "correct")
+
+
+def _open_source(source: str) -> Store:
+    path = Path(source)
+    if path.is_file():
+        if path.name != DB_NAME:
+            raise BenchError(f"{source}: a results database is named {DB_NAME} (give it or its folder)")
+        path = path.parent
+    return Store(path, create=False)
+
+
+def _content(cell: dict) -> tuple:
+    return tuple(cell[k] if k != "params" else sorted(cell[k].items()) for k in CELL_CONTENT) + (pack(cell["flags"]),)
+
+
+def merge(sources: list[str], out: str) -> dict:
+    """Merge `sources` into the database in `out` (created if needed); returns counts of what was added."""
+    if not sources:
+        raise BenchError("bench merge needs at least one results database to merge")
+    target_db = (Path(out) / DB_NAME).resolve()
+    stores = []
+    try:
+        for source in sources:
+            store = _open_source(source)
+            if store.path.resolve() == target_db:
+                store.close()
+                raise BenchError(f"{source} is the database merged into (--out {out}); give the other ones")
+            stores.append(store)
+        target = Store(out)
+        try:
+            return _merge(stores, target)
+        finally:
+            target.close()
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _merge(sources: list[Store], target: Store) -> dict:
+    # every conflict is found before anything is written
+    have = {(c["run_id"], c["attack"], c["protocol"]): (c, str(target.path)) for c in target.cells()}
+    incoming = []
+    conflicts = []
+    for store in sources:
+        for cell in store.cells():
+            key = (cell["run_id"], cell["attack"], cell["protocol"])
+            if key in have:
+                if _content(have[key][0]) != _content(cell):
+                    conflicts.append(f"run {key[0][:10]} cell {key[1]} ({key[2]}): {have[key][1]} and {store.path} "
+                                     f"differ ({have[key][0]['correct']}/{have[key][0]['n']} vs "
+                                     f"{cell['correct']}/{cell['n']} correct)")
+                continue
+            have[key] = (cell, str(store.path))
+            incoming.append(cell)
+    if conflicts:
+        more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
+        raise BenchError(f"not merged, {len(conflicts)} conflicting cell(s): {'; '.join(conflicts[:3])}{more}; "
+                         f"nothing was written")
+    _same_cached_files([target, *sources])
+
+    runs = {r["run_id"]: r for r in target.runs()}
+    added_runs = 0
+    for store in sources:
+        for run in store.runs():
+            if run["run_id"] not in runs:
+                target.put_run(run)
+                runs[run["run_id"]] = run
+                added_runs += 1
+    for cell in incoming:
+        target.put_cell(cell["run_id"], attack=cell["attack"], protocol=cell["protocol"], name=cell["name"],
+                        params=cell["params"], norm=cell["norm"], eps=cell["eps"], threat=cell["threat"],
+                        flags=cell["flags"], seconds=cell["seconds"], extra=cell["extra"])
+    stored = {(c["run_id"], c["attack"], c["protocol"]) for c in target.cells()}
+    checked = set()
+    for store in sources:
+        for run_id in {r["run_id"] for r in store.runs()}:
+            target.put_requests(run_id, [(r["attack"], r["protocol"], r["threat"]) for r in store.requests(run_id)])
+            present = {c["name"] for c in target.checks(run_id)}
+            rows = [c for c in store.checks(run_id) if c["name"] not in present]  # the probes, taken at the build
+            target.put_checks(run_id, [(c["name"], c["status"], c["detail"], c["flag"]) for c in rows])
+            if rows or present:
+                checked.add(run_id)
+        for f in store.failures():  # a failure another shard has since stored the cell of is over
+            if (f["run_id"], f["cell"], f["protocol"]) not in stored:
+                target.put_failure(f["run_id"], cell=f["cell"], protocol=f["protocol"], plugin=f["plugin"],
+                                   error=f["error"], defense=f["defense"])
+    # the checks computed from cells see every cell now, as after a run that computed them all
+    for run_id in checked:
+        run = next(r for r in target.runs() if r["run_id"] == run_id)
+        target.put_checks(run_id, [c.row() for c in checks_mod.from_cells(run, target.cells(run_id))])
+    return {"runs": added_runs, "cells": len(incoming), "sources": len(sources)}
+
+
+def _same_cached_files(stores: list[Store]) -> None:
+    """Refuse runs built on different copies of one cached model: two shards that each trained the same base
+    (on different hardware, say) would put a defense and the base it is compared with on different models."""
+    seen: dict[str, tuple[str, str]] = {}  # cached file -> (sha256, first database using it)
+    for store in stores:
+        for run in store.runs():
+            info = run["info"].get(RUN_INFO) if isinstance(run["info"], dict) else None
+            used = info.get("cached_files") if isinstance(info, dict) else None
+            for name, digest in (used or {}).items():
+                first = seen.setdefault(name, (digest, str(store.path)))
+                if first[0] != digest:
+                    raise BenchError(
+                        f"not merged: {first[1]} and {store.path} built runs on different copies of the cached "
+                        f"{name} (sha256 {first[0][:12]} vs {digest[:12]}), so their results do not share a base; "
+                        f"train it once and copy its cache folder to every shard (README, Sweeps on a cluster). "
+                        f"Nothing was written")

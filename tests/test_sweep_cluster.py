@@ -1,0 +1,312 @@
+"""Sweeps beyond one process: the slices of `--shard` merged by `bench merge`, and `--executor ray` on a real
+two-node Ray cluster started here (a head and a second node, separate processes, one CPU each), including a
+node killed in the middle of a job. Every route must store exactly what one local sweep stores."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import bench_subprocess
+
+# Six jobs: two bases trained from scratch (seeds 0 and 1), three defenses that wait for the seed-0 base, and
+# the standard base.
+GRID = """
+preset = "smoke"
+attacks = ["fgsm", "pgd10"]
+
+[[cells]]
+defense = "pgd_at"
+seeds = [0, 1]
+
+[[cells]]
+defense = "rift"
+grid = { k = [1, 2] }
+
+[[cells]]
+defense = "ft_bn"
+
+[[cells]]
+defense = "standard"
+"""
+JOBS = 6
+# A Ray task with one CPU runs torch on one thread; on a CPU, float sums (and so a trained model's last bits)
+# depend on the thread count, so the local reference runs on one thread too.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def content(out: Path) -> dict:
+    """What a results database says, without when, how fast, or from which folder it was computed."""
+    conn = sqlite3.connect(out / "results.sqlite")
+    try:
+        return {
+            "cells": {r[:3]: r[3:] for r in conn.execute(
+                "SELECT run_id, attack, protocol, name, params, norm, eps, threat, n, correct, flags FROM cells")},
+            "runs": {r[0]: r[1:] for r in conn.execute(
+                "SELECT run_id, defense, params, preset, dataset, arch, seed, precision, config, batch_dependent, "
+                "randomized, has_surrogate FROM runs")},
+            "checks": {r[:2]: r[2:] for r in conn.execute("SELECT run_id, name, status, detail, flag FROM checks")},
+            "requests": set(conn.execute("SELECT run_id, attack, protocol, threat FROM requests")),
+            "failures": set(conn.execute("SELECT run_id, cell, protocol, plugin, error FROM failures")),
+        }
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("grid") / "grid.toml"
+    path.write_text(GRID)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(grid, tmp_path_factory) -> Path:
+    """The grid swept locally, one job after another."""
+    out = tmp_path_factory.mktemp("local") / "results"
+    res = bench_subprocess("sweep", grid, "--out", out, "-q", env=ONE_THREAD, timeout=600)
+    assert res.returncode == 0, res.stderr
+    stored = content(out)
+    assert len(stored["runs"]) == JOBS and len(stored["cells"]) == 3 * JOBS
+    return out
+
+
+def test_the_shards_of_a_grid_merged_store_what_the_whole_sweep_stores(grid, reference, tmp_path):
+    runs = []
+    for i in (1, 2):
+        res = bench_subprocess("sweep", grid, "--shard", f"{i}/2", "--out", tmp_path / f"shard{i}", "-q",
+                               env=ONE_THREAD, timeout=600)
+        assert res.returncode == 0, res.stderr
+        runs.append(set(content(tmp_path / f"shard{i}")["runs"]))
+    assert len(runs[0]) == len(runs[1]) == JOBS // 2 and not runs[0] & runs[1]  # disjoint halves
+
+    res = bench_subprocess("merge", tmp_path / "shard1", tmp_path / "shard2" / "results.sqlite", "--out",
+                           tmp_path / "merged")
+    assert res.returncode == 0, res.stderr
+    assert f"{JOBS} run(s) and {3 * JOBS} cell(s) added" in res.stdout
+    assert content(tmp_path / "merged") == content(reference)
+
+    again = bench_subprocess("merge", tmp_path / "shard1", tmp_path / "shard2", "--out", tmp_path / "merged")
+    assert again.returncode == 0 and "0 run(s) and 0 cell(s) added" in again.stdout  # idempotent
+
+
+def test_merge_refuses_a_conflicting_cell_and_writes_nothing(reference, tmp_path):
+    shutil.copytree(reference, tmp_path / "target")
+    shutil.copytree(reference, tmp_path / "other")
+    conn = sqlite3.connect(tmp_path / "other" / "results.sqlite")
+    with conn:  # the same cell, one image's verdict flipped: another model or other code computed it
+        run_id, attack, flags = conn.execute("SELECT run_id, attack, flags FROM cells WHERE attack='pgd10'").fetchone()
+        flipped = bytes([flags[0] ^ 0x80]) + flags[1:]  # (128 images: no padding bits)
+        conn.execute("UPDATE cells SET flags=?, correct=? WHERE run_id=? AND attack=?",
+                     (flipped, sum(bin(b).count("1") for b in flipped), run_id, attack))
+    conn.execute("INSERT INTO runs SELECT 'x' || run_id, defense, params, preset, dataset, arch, seed, precision, "
+                 "config, command, code_version, batch_dependent, randomized, has_surrogate, info, build_seconds, "
+                 "created FROM runs LIMIT 1")  # and a run the target lacks, which must not be added either
+    conn.commit()
+    conn.close()
+    before = (tmp_path / "target" / "results.sqlite").read_bytes()
+
+    res = bench_subprocess("merge", tmp_path / "other", "--out", tmp_path / "target")
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "conflicting cell" in res.stderr and "Traceback" not in res.stderr
+    assert f"run {run_id[:10]} cell pgd10" in res.stderr
+    assert (tmp_path / "target" / "results.sqlite").read_bytes() == before
+
+
+def test_merge_refuses_shards_whose_runs_stand_on_different_copies_of_one_base(reference, tmp_path):
+    import json
+
+    conn = sqlite3.connect(reference / "results.sqlite")
+    infos = {run_id: json.loads(info)["bench"]["cached_files"]
+             for run_id, info in conn.execute("SELECT run_id, info FROM runs WHERE defense='rift'")}
+    conn.close()
+    from bench import checkpoints, models
+    from bench.data import DATASETS
+
+    for used in infos.values():  # each run names the cached base (and the RiFT caches) it was built on
+        base = next(name for name in used if "-pgd_at-s0-" in name)
+        model = models.build_model("tiny_cnn", DATASETS["digits"], None)
+        model.load_state_dict(checkpoints.load(reference / "cache" / "base" / base, require_digest=True)["state_dict"])
+        assert used[base] == checkpoints.weights_sha256(model)
+        assert any(name.startswith("rift-") for name in used)
+
+    shutil.copytree(reference, tmp_path / "target")
+    shutil.copytree(reference, tmp_path / "other")
+    conn = sqlite3.connect(tmp_path / "other" / "results.sqlite")
+    with conn:  # the same runs, but the other shard's base pgd_at came out different
+        for run_id, info in conn.execute("SELECT run_id, info FROM runs").fetchall():
+            info = json.loads(info)
+            info["bench"]["cached_files"] = {k: "0" * 64 if "-pgd_at-s0-" in k else v
+                                             for k, v in info["bench"]["cached_files"].items()}
+            conn.execute("UPDATE runs SET info=? WHERE run_id=?", (json.dumps(info), run_id))
+    conn.close()
+    before = (tmp_path / "target" / "results.sqlite").read_bytes()
+    res = bench_subprocess("merge", tmp_path / "other", "--out", tmp_path / "target")
+    assert res.returncode == 2 and "different copies of the cached" in res.stderr and "-pgd_at-s0-" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert (tmp_path / "target" / "results.sqlite").read_bytes() == before
+
+
+def test_sweep_status_tells_done_partial_and_not_started_jobs(grid, reference, tmp_path):
+    res = bench_subprocess("sweep", grid, "--status", "--out", reference)
+    assert res.returncode == 0, res.stderr
+    assert f"{JOBS} jobs: {JOBS} done, 0 partial, 0 failed, 0 not started" in res.stdout
+
+    shutil.copytree(reference, tmp_path / "part")
+    conn = sqlite3.connect(tmp_path / "part" / "results.sqlite")
+    with conn:
+        conn.execute("DELETE FROM cells WHERE attack='pgd10' AND run_id=(SELECT run_id FROM runs WHERE defense='ft_bn')")
+    conn.close()
+    res = bench_subprocess("sweep", grid, "--status", "--out", tmp_path / "part")
+    assert f"{JOBS} jobs: {JOBS - 1} done, 1 partial, 0 failed, 0 not started" in res.stdout
+    assert any(line.startswith("ft_bn") and "partial" in line and "2/3" in line for line in res.stdout.splitlines())
+
+    res = bench_subprocess("sweep", grid, "--status", "--out", tmp_path / "none")
+    assert f"{JOBS} jobs: 0 done, 0 partial, 0 failed, {JOBS} not started" in res.stdout
+    assert not (tmp_path / "none").exists()  # asking wrote nothing
+
+
+def test_shard_and_executor_mistakes_are_one_line(grid, tmp_path):
+    for args, says in [(("--shard", "3/2"), "between 1 and N"), (("--shard", "x"), "--shard must be I/N"),
+                       (("--executor", "slurm"), "--executor must be local or ray"),
+                       (("--address", "auto"), "--address is for --executor ray")]:
+        res = bench_subprocess("sweep", grid, "--out", tmp_path / "r", *args)
+        assert res.returncode == 2 and says in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
+    res = bench_subprocess("merge", tmp_path / "missing", "--out", tmp_path / "r")
+    assert res.returncode == 2 and "no results in" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a real Ray cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from ray.scripts.scripts import main; main()", *args]
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.address = f"127.0.0.1:{_free_port()}"
+        # a throwaway token: Ray's token authentication on, as on a real cluster
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.tmp = tmp
+        self.head = self._start("head", "--head", "--port", self.address.split(":")[1], "--include-dashboard=false",
+                                "--disable-usage-stats")
+        self._wait_for_nodes(1)
+        self.worker = self._start("worker", "--address", self.address)
+        self._wait_for_nodes(2)
+
+    def _start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        # its own session: the whole node (raylet and its workers) is one process group to kill
+        return subprocess.Popen(_ray("start", "--block", "--num-cpus=1", "--object-store-memory=100000000", *args),
+                                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive_nodes(self) -> int:
+        code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
+                f"print(sum(n['Alive'] for n in ray.nodes()))")
+        res = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        return int(res.stdout.split()[-1]) if res.returncode == 0 and res.stdout.split() else 0
+
+    def _wait_for_nodes(self, n: int) -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.alive_nodes() >= n:
+                return
+            time.sleep(2)
+        raise AssertionError(f"the Ray cluster did not reach {n} node(s): " + (self.tmp / "head.log").read_text()[-2000:])
+
+    def worker_processes(self, name: str) -> list[int]:
+        """The pids of processes titled `name` (e.g. ray::run_job) on the worker node."""
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if int(fields[3]) == self.worker.pid and cmdline.startswith(name):  # session id
+                out.append(int(stat.parent.name))
+        return out
+
+    def kill_worker_node(self) -> None:
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait(timeout=30)
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.head):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("ray"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _sweep_on(cluster: Cluster, grid: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "bench.cli", "sweep", str(grid), "--executor", "ray", "--address", cluster.address,
+            "--out", str(out), "-q"]
+
+
+def test_a_ray_sweep_over_two_nodes_stores_what_a_local_sweep_stores(cluster, grid, reference, tmp_path):
+    start = time.time()
+    res = subprocess.run(_sweep_on(cluster, grid, tmp_path / "results"), env=cluster.env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    per_node = [line for line in res.stdout.splitlines() if line.startswith("jobs per node:")]
+    print(f"two-node sweep: {time.time() - start:.0f} s; {per_node}")
+    assert per_node and per_node[0].count(",") == 1  # both nodes ran jobs
+    assert content(tmp_path / "results") == content(reference)
+    # the driver's cache holds every trained model, as a local sweep's does
+    assert sorted(p.name for p in (tmp_path / "results" / "cache").rglob("*.pt")) == \
+        sorted(p.name for p in (reference / "cache").rglob("*.pt"))
+
+
+def test_a_worker_node_killed_mid_job_loses_no_cell_and_the_sweep_completes(cluster, grid, reference, tmp_path):
+    """(Runs last: it leaves the cluster with its head node only.)"""
+    out = tmp_path / "results"
+    proc = subprocess.Popen(_sweep_on(cluster, grid, out), env=cluster.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not cluster.worker_processes("ray::run_job") and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        assert cluster.worker_processes("ray::run_job"), "no job ever ran on the worker node"
+        time.sleep(3)  # in the middle of it
+        cluster.kill_worker_node()
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "retried" in stdout, stdout
+    print(stdout[-600:])
+    assert content(out) == content(reference)
