@@ -289,6 +289,31 @@ def test_a_ray_sweep_over_two_nodes_stores_what_a_local_sweep_stores(cluster, gr
         sorted(p.name for p in (reference / "cache").rglob("*.pt"))
 
 
+def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid, reference, tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.Popen(_sweep_on(cluster, grid, out), env=cluster.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "results.sqlite").is_file() and 0 < len(content(out)["cells"]) < 3 * JOBS:
+                break
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started itself
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = content(out)["cells"]
+    assert 0 < len(kept) < 3 * JOBS, "the driver was not killed mid-sweep"
+
+    res = subprocess.run(_sweep_on(cluster, grid, out), env=cluster.env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = content(out)
+    assert after == content(reference)
+    assert all(after["cells"][key] == value for key, value in kept.items())  # what was stored stayed
+
+
 def test_a_worker_node_killed_mid_job_loses_no_cell_and_the_sweep_completes(cluster, grid, reference, tmp_path):
     """(Runs last: it leaves the cluster with its head node only.)"""
     out = tmp_path / "results"
