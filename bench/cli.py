@@ -302,6 +302,10 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, exec
         click.echo("jobs per node: " + ", ".join(
             f"{n[:8]} {sum(n in r.get('nodes', []) for r in results)}" for n in nodes) if nodes else
             "jobs per node: none ran (every job was finished)")
+        traffic = results[0].get("cache_traffic") if results else None
+        if traffic:  # the evidence that no model was trained twice anywhere in the cluster
+            click.echo(f"cache: {traffic['computed']} file(s) computed on workers ({traffic['distinct']} distinct), "
+                       f"{traffic['fetched']} fetched from the driver by other jobs")
         for r in results:  # a job started more than once: Ray re-ran it after its worker or node was lost
             if len(r.get("nodes", [])) > 1:
                 click.echo(f"retried: {r['label']} (started on {' then '.join(n[:8] for n in r['nodes'])}); "

@@ -37,7 +37,7 @@ log = logging.getLogger("bench")
 # a claim whose holder has not been heard of for this long is taken to be dead (its machine was lost)
 CLAIM_STALE_SECONDS = 30.0
 HEARTBEAT_SECONDS = 5.0
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0
 # what a worker may ask of the driver's database (everything runner.execute uses)
 STORE_METHODS = frozenset({"put_run", "put_meta", "put_cell", "put_requests", "put_failure", "clear_failure",
                            "put_checks", "write_file", "append_text", "finished", "runs", "cells", "requests",
@@ -63,6 +63,8 @@ class Coordinator:
         self.claims: dict[str, tuple[str, float]] = {}  # cache file -> (holder, last heard of)
         self.running: dict[str, str] = {}  # job label -> node id
         self.placed: list[tuple[str, str]] = []  # (job label, node id) of every start, retries included
+        self.published: list[str] = []  # every cache file a worker computed and sent, in order
+        self.fetches = 0
 
     def store_call(self, name: str, args: tuple, kwargs: dict):
         if name not in STORE_METHODS:
@@ -77,7 +79,10 @@ class Coordinator:
 
     def fetch(self, rel: str) -> tuple[bytes, str] | None:
         path = self._path(rel)
-        return checkpoints.transfer_bytes(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        self.fetches += 1
+        return checkpoints.transfer_bytes(path)
 
     def claim(self, rel: str, holder: str) -> str:
         """'cached' (fetch it), 'granted' (compute it, then publish) or 'busy' (someone else computes it)."""
@@ -96,6 +101,7 @@ class Coordinator:
 
     def publish(self, rel: str, holder: str, data: bytes, digest: str) -> None:
         path = self._path(rel)
+        self.published.append(rel)
         if not path.is_file():
             checkpoints.install_bytes(path, data, digest)
         self.release(rel, holder)
@@ -113,6 +119,9 @@ class Coordinator:
 
     def state(self) -> tuple[int, list[tuple[str, str]]]:
         return len(self.running), list(self.placed)
+
+    def cache_traffic(self) -> tuple[list[str], int]:
+        return list(self.published), self.fetches
 
     def close(self) -> None:
         self.store.close()
@@ -236,6 +245,14 @@ def run_job(request, key: str, coordinator, driver_out: str, env: dict) -> dict:
         ray.get(coordinator.job_ended.remote(key))
 
 
+def _portable(request):
+    """The request as a worker elsewhere reads it: a relative data folder made absolute here (a worker's
+    current directory is Ray's, not the driver's; the folder must exist at that path on every node)."""
+    if request.data_dir is not None and not Path(request.data_dir).is_absolute():
+        request = dataclasses.replace(request, data_dir=str(Path(request.data_dir).resolve()))
+    return request
+
+
 def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_job: float, quiet: bool) -> list[dict]:
     """Run the jobs on Ray; returns one result per job in sweep order, as the local executor does."""
     ray = require_ray()
@@ -270,7 +287,7 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False)
         ).remote(str(Path(out).resolve()))
         task = ray.remote(run_job).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=3)
-        refs = {task.remote(todo[i].request, str(i), coordinator, str(Path(out).resolve()), env): i
+        refs = {task.remote(_portable(todo[i].request), str(i), coordinator, str(Path(out).resolve()), env): i
                 for i in pending_jobs}
         failed, shown = 0, ""
         bar = tqdm(total=len(todo), initial=len(todo) - len(refs), desc="sweep", disable=quiet, dynamic_ncols=True)
@@ -297,6 +314,7 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
                 shown = postfix
         bar.close()
         _, placed = ray.get(coordinator.state.remote())
+        published, fetches = ray.get(coordinator.cache_traffic.remote())
         ray.get(coordinator.close.remote())
     finally:
         ray.shutdown()
@@ -320,4 +338,7 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
                              "nodes": nodes.get(i, [])})
     finally:
         store.close()
+    if out_list:
+        out_list[0]["cache_traffic"] = {"computed": len(published), "distinct": len(set(published)),
+                                        "fetched": fetches}
     return out_list

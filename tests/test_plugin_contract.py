@@ -245,7 +245,12 @@ def test_minimal_plugin_runs_end_to_end(bench, out_dir, minimal_plugin):
     (run,) = store.runs()
     # the defense's info, and under the key "bench" what the harness records beside it
     assert run["params"] == {"temperature": 2.0}
-    assert run["info"] == {"temperature": 2.0, "bench": {"forward_passes": 1, "meta": {}}}
+    harness = run["info"]["bench"]
+    assert run["info"] == {"temperature": 2.0, "bench": harness}
+    assert harness["forward_passes"] == 1 and harness["meta"] == {}
+    # the weights digest of the cached base the defense was built on (merge tells shards apart by it)
+    (base,) = harness["cached_files"]
+    assert "-pgd_at-" in base and len(harness["cached_files"][base]) == 64
     cells = {c["attack"]: c for c in store.cells(run["run_id"])}
     assert (cells["minimal_attack"]["norm"], cells["minimal_attack"]["eps"]) == ("L2", 0.5)
     assert cells["minimal_attack"]["threat"].startswith("L2 eps=0.5")

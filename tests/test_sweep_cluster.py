@@ -5,6 +5,7 @@ node killed in the middle of a job. Every route must store exactly what one loca
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -284,9 +285,12 @@ def test_a_ray_sweep_over_two_nodes_stores_what_a_local_sweep_stores(cluster, gr
     print(f"two-node sweep: {time.time() - start:.0f} s; {per_node}")
     assert per_node and per_node[0].count(",") == 1  # both nodes ran jobs
     assert content(tmp_path / "results") == content(reference)
-    # the driver's cache holds every trained model, as a local sweep's does
-    assert sorted(p.name for p in (tmp_path / "results" / "cache").rglob("*.pt")) == \
-        sorted(p.name for p in (reference / "cache").rglob("*.pt"))
+    # the driver's cache holds every trained model and memo, as a local sweep's does, each computed once in
+    # the whole cluster
+    files = sorted(p.name for p in (tmp_path / "results" / "cache").rglob("*") if p.suffix in (".pt", ".json"))
+    assert files == sorted(p.name for p in (reference / "cache").rglob("*") if p.suffix in (".pt", ".json"))
+    traffic = re.search(r"cache: (\d+) file\(s\) computed on workers \((\d+) distinct\), (\d+) fetched", res.stdout)
+    assert traffic and int(traffic[1]) == int(traffic[2]) == len(files), res.stdout
 
 
 def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid, reference, tmp_path):
