@@ -293,21 +293,34 @@ def test_a_ray_sweep_over_two_nodes_stores_what_a_local_sweep_stores(cluster, gr
     assert traffic and int(traffic[1]) == int(traffic[2]) == len(files), res.stdout
 
 
-def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid, reference, tmp_path):
-    out = tmp_path / "results"
-    proc = subprocess.Popen(_sweep_on(cluster, grid, out), env=cluster.env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def _sweep_interrupted(cluster: Cluster, grid: Path, out: Path, ready, interrupt, **popen) -> subprocess.Popen:
+    """Start a Ray sweep, wait (at most 300 s) until `ready()`, then `interrupt(process)`."""
+    proc = subprocess.Popen(_sweep_on(cluster, grid, out), env=cluster.env, **popen)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "results.sqlite").is_file() and 0 < len(content(out)["cells"]) < 3 * JOBS:
-                break
+        while not ready() and time.time() < deadline:
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
             time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started itself
+        assert ready(), "the sweep never reached the point where it is interrupted"
+        interrupt(proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid, reference, tmp_path):
+    out = tmp_path / "results"
+
+    def some_cells_stored() -> bool:
+        return (out / "results.sqlite").is_file() and 0 < len(content(out)["cells"]) < 3 * JOBS
+
+    def kill_driver(proc) -> None:  # the driver and the Ray processes it started itself
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    _sweep_interrupted(cluster, grid, out, some_cells_stored, kill_driver, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
     kept = content(out)["cells"]
     assert 0 < len(kept) < 3 * JOBS, "the driver was not killed mid-sweep"
 
@@ -321,16 +334,14 @@ def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid,
 def test_a_worker_node_killed_mid_job_loses_no_cell_and_the_sweep_completes(cluster, grid, reference, tmp_path):
     """(Runs last: it leaves the cluster with its head node only.)"""
     out = tmp_path / "results"
-    proc = subprocess.Popen(_sweep_on(cluster, grid, out), env=cluster.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while not cluster.worker_processes("ray::run_job") and time.time() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
-        assert cluster.worker_processes("ray::run_job"), "no job ever ran on the worker node"
-        time.sleep(3)  # in the middle of it
+
+    def kill_worker_node(proc) -> None:
+        time.sleep(3)  # in the middle of the job
         cluster.kill_worker_node()
+
+    proc = _sweep_interrupted(cluster, grid, out, lambda: bool(cluster.worker_processes("ray::run_job")),
+                              kill_worker_node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
         stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
