@@ -301,9 +301,9 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
                 except ray.exceptions.RayError as exc:  # the job raised (a user's mistake) or ran out of retries
                     cause = getattr(exc, "cause", None) or exc
                     failed += 1
-                    results[i] = {"error": one_line(cause) if isinstance(cause, Exception) else str(cause)}
-                    if isinstance(cause, BenchError):
-                        results[i]["error"] = str(cause)
+                    # a BenchError is already the one line a user reads; anything else gets its type named
+                    plain = isinstance(cause, BenchError) or not isinstance(cause, Exception)
+                    results[i] = {"error": str(cause) if plain else one_line(cause)}
                 else:
                     failed += bool(results[i]["summary"]["failures"])
                 bar.update(1)
@@ -328,8 +328,9 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
         for i, (job, prep) in enumerate(zip(todo, prepared)):
             r = results[i]
             if "error" in r:  # the job's own cells and failures as stored, and the job's error
-                labels = [spec.label for spec, _ in prep.attacks]
-                summary = runner.summary(store, prep.config.run_id, labels, prep.config)
+                run = next((x for x in store.runs() if x["run_id"] == prep.config.run_id), None)
+                attacks, _, _ = runner.cells_wanted(prep, run)  # (as execute's summary: substituted attacks)
+                summary = runner.summary(store, prep.config.run_id, [spec.label for spec, _ in attacks], prep.config)
                 summary["failures"] = [runner.Failure(f"sweep job '{job.label}'", runner.BUILD, runner.NO_PROTOCOL,
                                                       r["error"])]
             else:
