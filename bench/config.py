@@ -104,6 +104,15 @@ PRESETS: dict[str, Preset] = {
                    epochs_standard=15, epochs_pgd_at=15, epochs_trades=15, epochs_fgsm_rs=15,
                    lr=0.1, lr_fgsm_rs=0.2, schedule="cosine", n_val_robust=500, ft_epochs=5,
                    ft_lr=1e-3),
+    # full-cpu: the complete CIFAR-10 training set on a 2-core CPU (cifar10-full, unpacked), where mini's
+    # 4,670 images starve the model. fp32 ResNet-20, batch 128, measured per 50k-image epoch on such a
+    # machine (no bf16 there): FGSM-RS 297 s, PGD-2 380 s, PGD-3 464 s, PGD-10 1,363 s. PGD-AT with 2 steps
+    # of eps/2 from a random start (every example can reach the ball's surface), 6 epochs (~40 min). The
+    # first 1,000 training images are the validation split that selects checkpoints and RiFT's modules.
+    "full-cpu": Preset("full-cpu", "cifar10", "resnet20", n_val=1000, n_test=None, batch_size=128,
+                       eval_batch_size=500, alpha=4 / 255, pgd_steps=2, epochs_standard=6, epochs_pgd_at=6,
+                       epochs_trades=6, epochs_fgsm_rs=6, lr=0.1, lr_fgsm_rs=0.2, schedule="cosine",
+                       n_val_robust=1000, ft_epochs=2, ft_lr=1e-3),
     "paper": Preset("paper", "cifar10", "resnet18", n_val=1000, n_test=None, batch_size=128,
                     eval_batch_size=256, epochs_standard=200, epochs_pgd_at=110, epochs_trades=110,
                     epochs_fgsm_rs=15, schedule="step", n_val_robust=1000, ft_epochs=10, ft_lr=1e-3),
@@ -217,6 +226,7 @@ class RunConfig:
     data_dir: str | None = None
     device: str = "cpu"
     precision: str = "fp32"  # resolved: bf16 or fp32 (training only; evaluation is always fp32)
+    compile: bool = False  # torch.compile for training: how fast, not what (outside the identity, as the device)
     protocol: str = "adaptive"
     out: str = "results"
     base_checkpoints: tuple = ()  # (recipe, path, sha256)
@@ -541,6 +551,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("precision", NAME, "auto", ("--precision",),
             "Training precision: auto, bf16 or fp32 (evaluation is fp32).", RUN_AND_CHECK, show_default=True,
             sweep=TOP),
+    Setting("compile", BOOL, False, ("--compile",),
+            "Compile training forwards and backwards with torch.compile (opt-in: it pays on long GPU trainings; "
+            "the first epoch waits for the compiler). Evaluation is never compiled.", switch=True, sweep=TOP),
     Setting("sets", SETS, {}, ("--set",), "Override a preset number.", RUN_AND_CHECK, metavar="FIELD=VALUE",
             read=parse_assignments, multiple=True, key="set", sweep=TOP_AND_CELL),
     Setting("base_checkpoints", CHECKPOINTS, {}, ("--checkpoint", "--base-checkpoint"),

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from bench import checkpoints, models
 from bench.config import model_identity, training_scope
 from bench.errors import BenchError
+from bench.train import to_device
 
 
 class Context:
@@ -23,7 +24,7 @@ class Context:
     def __init__(self, *, data, arch: str, device: torch.device, seed: int, preset, cache_dir: Path,
                  precision: str = "fp32", quiet: bool = False, base_checkpoints: dict | None = None,
                  log: logging.Logger | None = None, scope: dict | None = None, normalize: tuple | None = None,
-                 model_source: str = "") -> None:
+                 model_source: str = "", compile: bool = False) -> None:
         self.data = data
         self.arch = arch  # the model name: a built-in architecture, an entry point or pkg.module:factory
         self.normalize = normalize  # (means, stds) in front of the model (--normalize), or None
@@ -33,6 +34,7 @@ class Context:
         self.preset = preset
         self.cache_dir = Path(cache_dir)
         self.precision = precision
+        self.compile = compile  # --compile: base training through torch.compile
         self.quiet = quiet
         self.base_checkpoints = dict(base_checkpoints or {})
         self.log = log or logging.getLogger("bench")
@@ -62,7 +64,7 @@ class Context:
     def build_model(self) -> torch.nn.Module:
         """A fresh network of the run's model (`--model`, with `--normalize` in front) for its data, on the
         run's device. Untrained: for the trained one, `base(recipe)`."""
-        return models.build_model(self.arch, self.data.spec, self.normalize).to(self.device)
+        return to_device(models.build_model(self.arch, self.data.spec, self.normalize), self.device)
 
     def base(self, recipe: str = "pgd_at") -> torch.nn.Module:
         """The cached base model trained with `recipe` (trained on first use), in eval mode."""

@@ -93,10 +93,21 @@ class Split:
     def subset(self, idx) -> "Split":
         return Split(self.x[idx], self.y[idx])
 
+    def to(self, device) -> "Split":
+        """The split resident on `device` (itself when already there): one host-to-device copy per run
+        instead of one per batch."""
+        device = torch.device(device)
+        if self.x.device == device:
+            return self
+        return Split(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
                 drop_single: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self)
+        # the order is drawn on the CPU generator wherever the images live: the same seed gives the same
+        # batches on every device
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.x.device, non_blocking=True)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             if drop_single and len(idx) < 2:  # train-mode BN cannot normalise one sample
@@ -646,16 +657,20 @@ def _load_cifar(name: str, data_dir) -> LoadedData:
 
 
 def augment(x: torch.Tensor, crop_pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after reflect padding, and random horizontal flip, per sample, on a batch tensor."""
+    """Random crop after reflect padding, and random horizontal flip, per sample, on a batch tensor, on the
+    batch's device. The draws come from the CPU `generator` (a few bytes per image), so a seed augments
+    alike on every device."""
     b, c, h, w = x.shape
+    dev = x.device
     if crop_pad:
         padded = F.pad(x, (crop_pad,) * 4, mode="reflect")
-        top = torch.randint(0, 2 * crop_pad + 1, (b,), generator=generator)
-        left = torch.randint(0, 2 * crop_pad + 1, (b,), generator=generator)
-        rows = (top[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (left[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        top = torch.randint(0, 2 * crop_pad + 1, (b,), generator=generator).to(dev, non_blocking=True)
+        left = torch.randint(0, 2 * crop_pad + 1, (b,), generator=generator).to(dev, non_blocking=True)
+        rows = (top[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows, cols]
     if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
+        mask = (torch.rand(b, generator=generator) < 0.5).to(dev, non_blocking=True)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x

@@ -28,7 +28,7 @@ from bench.errors import BenchError, os_reason, unknown
 from bench.evaluator import CellResult, attack_cell, clean_cell
 from bench.stats import worst_case
 from bench.store import DB_NAME, Store, require_writable
-from bench.train import resolve_precision
+from bench.train import configure_backends, resolve_precision
 
 log = logging.getLogger("bench")
 CLEAN = "clean"
@@ -272,7 +272,8 @@ def prepare(req: Request) -> Prepared:
 
     cfg = RunConfig(defense=defense_name, params=tuple(sorted(params.items())), attacks=tuple(a for a, _ in attacks),
                     preset=preset, dataset=dataset, arch=arch, seed=req.seed, data_dir=req.data_dir,
-                    device=str(device), precision=precision, protocol=req.protocol, out=str(out),
+                    device=str(device), precision=precision, compile=bool(req.compile), protocol=req.protocol,
+                    out=str(out),
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
                     command=req.command, normalize=normalize, model_source=model_source,
                     save_adversarial=bool(req.save_adversarial), meta=config_mod.validate_meta(req.meta),
@@ -439,8 +440,9 @@ FAILURE_LOG = "failures.log"
 
 def _context(prep: Prepared, quiet: bool) -> Context:
     cfg = prep.config
+    configure_backends(prep.device)
     return Context(data=prep.data, arch=cfg.arch, device=prep.device, seed=cfg.seed, preset=cfg.preset,
-                   cache_dir=Path(cfg.out) / "cache", precision=cfg.precision, quiet=quiet,
+                   cache_dir=Path(cfg.out) / "cache", precision=cfg.precision, compile=cfg.compile, quiet=quiet,
                    base_checkpoints={r: p for r, p, _ in cfg.base_checkpoints}, log=log,
                    scope=config_mod.training_scope(cfg.identity(), prep.data.train_fingerprint),
                    normalize=cfg.normalize, model_source=cfg.model_source)

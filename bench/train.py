@@ -56,6 +56,29 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
     return contextlib.nullcontext
 
 
+def configure_backends(device: torch.device) -> None:
+    """Process-wide settings for a run on `device`. On a GPU, fp32 stays IEEE fp32: PyTorch's default runs
+    fp32 convolutions in TF32 on Ampere and newer (a 10-bit mantissa), which would silently lower the
+    precision of every reported attack; training asks for bf16 where it wants it (autocast). cuDNN
+    autotuning picks the fastest algorithm per shape, at the same precision."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # pragma: no cover - older torch
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`, its 4-D weights in channels-last order: convolutions run faster on NHWC data on
+    the CPU (oneDNN) and on tensor cores, and inputs in the usual NCHW order follow the weights' format
+    after the first convolution. The values are the same; only their order in memory changes."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
 # ----------------------------------------------------------------------------------------------------
 # objectives
 
@@ -213,6 +236,30 @@ def finetune_spec(preset, *, epochs: int, lr: float, batch_size: int = 128, sele
                        schedule=Schedule("step", milestones=(0.5,)))
 
 
+SYNC_EVERY = 25  # training steps between read-backs of the loss on a GPU
+
+
+def resident(split: data_mod.Split, device: torch.device) -> data_mod.Split:
+    """The training images on the GPU for the whole run when they take at most a quarter of its free memory
+    (CIFAR-10: 0.6 GB), so batches and their augmentation never cross the bus; else left on the host."""
+    if device.type != "cuda" or split.x.device == device:
+        return split
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = split.x.numel() * split.x.element_size() + split.y.numel() * split.y.element_size()
+    return split.to(device) if needed <= free // 4 else split
+
+
+def _check_finite(loss_sum: torch.Tensor, loss: torch.Tensor, desc: str, epoch: int, first: int, last: int,
+                  lr: float) -> None:
+    """Stop a diverged run: the epoch's running loss is not finite once any step's loss was not."""
+    if math.isfinite(loss_sum.item()):
+        return
+    what = f"loss {loss.item()} at epoch {epoch}, step {last}" if first == last else \
+        f"a non-finite loss at epoch {epoch}, steps {first}-{last}"
+    raise BenchError(f"{desc}: training diverged ({what}, lr {lr:.3g}); lower the learning rate or use "
+                     f"--precision fp32")
+
+
 @dataclass
 class TrainResult:
     history: list[dict]  # one dict per epoch: loss, train_acc, and whatever `evaluate` returned
@@ -224,13 +271,15 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
           device: torch.device, precision: str = "fp32", generator: torch.Generator | None = None,
           trainable: Iterable[nn.Parameter] | None = None, frozen_stats: Iterable[nn.Module] = (),
           evaluate: Callable[[nn.Module], dict] | None = None, progress=None,
-          desc: str = "train") -> TrainResult:
+          desc: str = "train", sync_every: int | None = None, compile: bool = False) -> TrainResult:
     """Train `trainable` (default: every parameter) of `model` in place; leave it in eval mode with the
     selected epoch's weights loaded.
 
     `frozen_stats`: BN modules kept in eval mode during training so their running statistics never move.
     `evaluate(model)` runs after each epoch (model in eval mode) and returns metrics for the history;
     `spec.select` names the metric whose maximum picks the kept epoch (ties: the earlier epoch).
+    `sync_every`: steps between read-backs of the loss (default: 1 on the CPU, SYNC_EVERY on a GPU).
+    `compile`: run the objective's forwards and backwards through `torch.compile(model)` (same weights).
     """
     params = list(model.parameters()) if trainable is None else list(trainable)
     if not params:
@@ -242,6 +291,12 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
     frozen_stats = list(frozen_stats)
     opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     autocast = autocast_factory(precision, device)
+    train_split = resident(train_split, device)
+    forward = torch.compile(model) if compile else model  # shares `model`'s parameters and buffers
+    # A GPU runs ahead of Python until a value is read back: read the loss every SYNC_EVERY steps there, every
+    # step on the CPU (where reading costs nothing and a divergence is named at its step).
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     steps_per_epoch = max(1, math.ceil(len(train_split) / spec.batch_size))
     total = spec.epochs * steps_per_epoch
     history: list[dict] = []
@@ -254,7 +309,10 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
             model.train()
             for m in frozen_stats:
                 m.eval()
-            loss_sum, correct, seen = 0.0, 0, 0
+            # on the device, in float64 as Python's floats were: no read-back per step
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen, read_at = 0, step
             for x, y in train_split.batches(spec.batch_size, shuffle=True, generator=generator,
                                             drop_single=True):
                 x = data_mod.augment(x, spec.crop_pad, spec.flip, generator) if (spec.crop_pad or spec.flip) else x
@@ -262,22 +320,24 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
                 lr = spec.lr * spec.schedule.factor(step / total)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss, logits = objective.loss(model, x, y, autocast)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise BenchError(f"{desc}: training diverged (loss {value} at epoch {epoch}, step {step}, "
-                                     f"lr {lr:.3g}); lower the learning rate or use --precision fp32")
+                loss, logits = objective.loss(forward, x, y, autocast)
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                if (step + 1) % sync_every == 0:
+                    _check_finite(loss_sum, loss, desc, epoch, read_at, step, lr)
+                    read_at = step + 1
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += value * len(y)
-                correct += (logits.detach().argmax(1) == y).sum().item()
                 seen += len(y)
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch}/{spec.epochs}", loss=f"{value:.3f}", refresh=False)
-            record = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                    if step == read_at:
+                        bar.set_postfix(epoch=f"{epoch}/{spec.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+            if step != read_at:
+                _check_finite(loss_sum, loss, desc, epoch, read_at, step - 1, lr)
+            record = {"epoch": epoch, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
                       "lr": lr}
             model.eval()
             if evaluate is not None:

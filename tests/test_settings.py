@@ -35,6 +35,7 @@ SAMPLES = {
     "threat": (["--threat", "Linf:0.1"], 'threat = "Linf:0.1"', "Linf:0.1"),
     "save_adversarial": (["--save-adversarial"], "save_adversarial = true", True),
     "checks": (["--no-checks"], "checks = false", False),
+    "compile": (["--compile"], "compile = true", True),
 }
 CELL = '\n[[cells]]\ndefense = "standard"\n'
 

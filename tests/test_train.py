@@ -79,6 +79,22 @@ def test_nan_loss_aborts_with_a_clear_error(digits):
                     generator=torch.Generator().manual_seed(0))
 
 
+def test_reading_the_loss_back_less_often_changes_nothing_but_when_a_divergence_is_seen(digits):
+    # the GPU path reads the loss every SYNC_EVERY steps: same weights and history, bit for bit
+    runs = []
+    for every in (1, 7):
+        model = fresh()
+        res = train.train(model, digits.train, train.PGDAdversarial(0.1, 0.025, 2), spec(epochs=2, lr=0.1),
+                          device=DEVICE, generator=torch.Generator().manual_seed(0), sync_every=every)
+        runs.append((model.state_dict(), res.history))
+    (w1, h1), (w7, h7) = runs
+    assert all(torch.equal(w1[k], w7[k]) for k in w1)
+    assert [{k: v for k, v in r.items()} for r in h1] == h7
+    with pytest.raises(BenchError, match=r"training diverged \(a non-finite loss at epoch 1, steps 0-[1-4],"):
+        train.train(fresh(), digits.train, train.Clean(), spec(epochs=2, lr=1e12), device=DEVICE,
+                    generator=torch.Generator().manual_seed(0), sync_every=5)
+
+
 @pytest.mark.parametrize("objective", [
     train.PGDAdversarial(0.1, 0.025, 3), train.TRADES(0.1, 0.02, 3), train.fgsm_rs(0.1)])
 def test_adversarial_objectives_train_and_restore_modes(digits, objective):
@@ -214,3 +230,30 @@ def test_every_training_spec_is_the_one_its_recipe_always_had(preset_name, monke
         d = _defense(name, p)
         got = _spec_of(monkeypatch, module, lambda: d.build(ctx))
         assert repr(got) == repr(old_own(d.params, select)), name
+
+
+def test_a_gpu_run_keeps_fp32_ieee_and_autotunes():
+    # PyTorch's default runs fp32 convolutions on a GPU in TF32 (10-bit mantissa): reported attacks are fp32
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark
+    try:
+        conv.fp32_precision = "tf32"
+        train.configure_backends(torch.device("cpu"))  # the CPU: nothing to change
+        assert conv.fp32_precision == "tf32"
+        train.configure_backends(torch.device("cuda"))  # flags only: no GPU is touched
+        assert (conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark) == ("ieee", "ieee", True)
+    finally:
+        conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark = saved
+
+
+def test_models_run_channels_last_with_the_same_function(digits):
+    contiguous = models.build_model("resnet20", data.DATASETS["cifar10"])
+    model = train.to_device(copy.deepcopy(contiguous), DEVICE)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv1.weight.is_contiguous()
+    x = torch.rand(8, 3, 32, 32)
+    out = model.eval()(x)
+    # the activations follow the weights' memory order; the values are the same up to summation order
+    assert torch.allclose(out, contiguous.eval()(x), atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), contiguous.state_dict().values()))
+
