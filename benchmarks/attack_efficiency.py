@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from bench import config, data, models
 from bench.projected_gradient import pgd
+from bench.train import to_device
 from timing import sync
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     preset = config.concrete(preset, spec)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = models.build_model(preset.arch, spec).to(device).eval()
+    model = to_device(models.build_model(preset.arch, spec), device).eval()  # as a run builds it
     if args.data_dir:
         ds = data.load(preset.dataset, args.data_dir, n_val=0 if preset.dataset != "digits" else 1)
         x, y = ds.test.x[:args.batch].to(device), ds.test.y[:args.batch].to(device)

@@ -27,6 +27,7 @@ from bench import checkpoints, config, data, models  # noqa: E402
 from bench.api import Defended  # noqa: E402
 from bench.params import resolve_params  # noqa: E402
 from bench.registry import load  # noqa: E402
+from bench.train import to_device  # noqa: E402
 
 ATTACKS = ["fgsm", "pgd10", "cw_inf", "pgd50", "deepfool", "cw_l2", "shaping", "square", "autoattack"]
 
@@ -55,7 +56,7 @@ def main() -> None:
 
     preset = config.concrete(config.get_preset("mini"), data.DATASETS["cifar10"])
     ds = data.load("cifar10", args.data_dir, n_val=preset.n_val, n_test=args.n)
-    model = models.build_model(preset.arch, ds.spec)
+    model = to_device(models.build_model(preset.arch, ds.spec), torch.device("cpu"))  # as a run builds it
     found = sorted(glob.glob(f"{args.results}/cache/base/cifar10-resnet20-pgd_at-*.pt"))
     if found:
         checkpoints.load_into(model, checkpoints.load(found[0], require_digest=True), found[0], arch="resnet20",

@@ -22,7 +22,7 @@ from bench import config, data, models
 from bench.api import Context
 from bench.checkpoints import recipe_plan
 from bench.projected_gradient import pgd
-from bench.train import TrainSpec, resolve_precision, train
+from bench.train import TrainSpec, resolve_precision, to_device, train
 from timing import sync
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     ds = data.load("cifar10", args.data_dir, n_train=preset.n_train, n_val=preset.n_val, n_test=preset.n_test)
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
-    model = models.build_model(args.arch, ds.spec).to(device)
+    model = to_device(models.build_model(args.arch, ds.spec), device)  # as a run builds it
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(data=ds, arch=args.arch, device=device, seed=0, preset=preset, cache_dir=tmp,
