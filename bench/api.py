@@ -4,7 +4,7 @@ Plugins, the built-in ones too, import only from here. The names below keep thei
 versions; anything else in `bench` is internal and may change without notice. README.md's "Writing a
 plugin" is the contract in prose.
 
-- The contract: `Defense`, `Attack`, `Defended`, `Param`, `threat_params` (an attack's norm and its
+- The contract: `Defense`, `Attack`, `Defended`, `Surrogate`, `Param`, `threat_params` (an attack's norm and its
   budget following it), `Context` (what a defense sees of its run),
   `ReportContext` (what a report sees of a leaderboard), `BenchError` (a user-facing error).
 - Attacking: `pgd`, `project`, `ce_loss`, `cw_loss`, `best_of`, and `finish` for attacks that hand the
@@ -28,7 +28,7 @@ import importlib
 from bench.composition import finish
 from bench.config import derived_seed
 from bench.context import Context
-from bench.contract import Attack, Defended, Defense, threat_params
+from bench.contract import Attack, Defended, Defense, Surrogate, threat_params
 from bench.data import DataRequest, DatasetSpec, LoadedData
 from bench.errors import BenchError
 from bench.layers import (batch_statistics, bn_modules, interpolate_weights, module_at, module_kind, own_parameters,
@@ -42,7 +42,7 @@ from bench.train import (TRADES, Clean, Objective, PGDAdversarial, Schedule, Tra
 
 __all__ = [
     # the contract
-    "Attack", "BenchError", "Context", "Defended", "Defense", "Param", "ReportContext", "threat_params",
+    "Attack", "BenchError", "Context", "Defended", "Defense", "Param", "ReportContext", "Surrogate", "threat_params",
     # attacking
     "best_of", "ce_loss", "cw_loss", "finish", "pgd", "project",
     # model state

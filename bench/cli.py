@@ -53,6 +53,9 @@ def list_cmd(verbose: bool) -> None:
                 # a dataset loader declares `options` (name[key=value;...]), a plugin class PARAMS
                 for pname, spec in (getattr(cls, "PARAMS", None) or getattr(cls, "options", None) or {}).items():
                     click.echo(f"  {'':<{width}}    {pname}: {spec.describe()}")
+            for i, (sname, text) in enumerate(getattr(cls, "SURROGATES", {}).items()):
+                protocol = "paper" if i == 0 else f"paper:{sname}"  # what --protocol attacks it with
+                click.echo(f"  {'':<{width}}    surrogate {sname} (--protocol {protocol}): {text}")
         if kind == "model":
             click.echo("  (or your own: --model pkg.module:function, see README 'Evaluate your own model')")
         click.echo("")

@@ -547,7 +547,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", SEED, 0, ("--seed",), "Run seed.", RUN_AND_CHECK, show_default=True,
             read=_integer),  # a sweep's `seeds` (sweep.AXES) sets it
     Setting("protocol", NAME, "adaptive", ("--protocol",),
-            "adaptive (attack the defended model) or paper (attack its surrogate)."),  # sweeps: `protocols`
+            "adaptive (attack the defended model), paper (attack its surrogate) or paper:NAME (another "
+            "surrogate the defense declares; `bench list`)."),  # sweeps: `protocols`
     Setting("out", NAME, "results", ("--out",), "Results directory (database and cached models).", RUN_AND_CHECK,
             show_default=True, sweep=TOP),
     Setting("precision", NAME, "auto", ("--precision",),

@@ -9,6 +9,7 @@ import abc
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -86,6 +87,26 @@ class _Plugin(metaclass=_PluginType):
 # Defenses
 
 
+ADAPTIVE, PAPER = "adaptive", "paper"
+SURROGATE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def surrogate_of(protocol: str) -> str | None:
+    """'paper:test_batch' -> 'test_batch'; 'paper' (the defense's default surrogate) -> ''; adaptive -> None."""
+    if protocol == PAPER:
+        return ""
+    head, colon, name = protocol.partition(":")
+    return name if head == PAPER and colon else None
+
+
+@dataclass
+class Surrogate:
+    """A model a non-adaptive attacker differentiates instead of the defense (protocol `paper:NAME`)."""
+
+    model: torch.nn.Module
+    batch_dependent: bool = False  # True: it normalises with its input batch (attacks then compose the batch)
+
+
 @dataclass
 class Defended:
     """What a defense hands to the evaluator."""
@@ -98,12 +119,36 @@ class Defended:
     # forward passes of the network per prediction, RobustBench's number_forward_passes (an ensemble of 3, or
     # a prediction that runs extra images beside each test image, declares its count)
     forward_passes: int = 1
+    # the other surrogates the class declares in SURROGATES (all but the first, which is `surrogate`)
+    surrogates: dict[str, Surrogate] = field(default_factory=dict)
+
+    def attacked_under(self, protocol: str) -> "Defended":
+        """What an attack differentiates under `protocol`: this defense (adaptive), its surrogate (paper) or
+        the named one (paper:NAME); the verdict is always this defense's."""
+        name = surrogate_of(protocol)
+        if name is None or (name == "" and self.surrogate is None):
+            return self
+        chosen = Surrogate(self.surrogate) if name == "" else self.surrogates[name]
+        return Defended(model=chosen.model, batch_dependent=chosen.batch_dependent, randomized=self.randomized,
+                        info=self.info)
 
 
 class Defense(_Plugin):
     """Base class of defense plugins. Keyword parameters come from `--param key=value` or a TOML file."""
 
     _kind: ClassVar[str] = "defense"
+    # The surrogates a non-adaptive attacker may differentiate, name -> what it is. The first names
+    # `Defended.surrogate` (protocol `paper`, or `paper:FIRST`); build() returns the others in
+    # `Defended.surrogates` (protocol `paper:NAME`).
+    SURROGATES: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = cls.SURROGATES
+        if not (isinstance(table, dict) and all(isinstance(n, str) and SURROGATE_NAME.fullmatch(n)
+                                                 and isinstance(d, str) for n, d in table.items())):
+            raise BenchError(f"defense class {cls.__name__}: SURROGATES must map names (lower case, digits, _) "
+                             f"to descriptions, got {table!r}")
 
     def build(self, ctx: "Context") -> Defended:
         raise NotImplementedError
@@ -211,7 +256,8 @@ class Attack(_Plugin):
 
     def setup(self, ctx: "Context", defended: Defended) -> None:
         """Called once per cell before the first batch. `defended` describes the model the attack will
-        differentiate (under the paper protocol: the surrogate, which is never batch-dependent).
+        differentiate (under a paper protocol: the surrogate, batch-dependent only if it normalises with its
+        input batch).
         Subclasses that override this call super().setup(ctx, defended)."""
         self.batch_dependent = defended.batch_dependent
         self.randomized = defended.randomized

@@ -2,8 +2,9 @@
 
 Batch semantics are the defense's: batches of the configured size in a fixed order, and each adversarial
 batch is scored with one forward pass of `Defended.model` (the composition the attack optimised in the
-adaptive protocol). Under the paper protocol the attack differentiates `Defended.surrogate` instead, and
-the verdict is still `Defended.model`'s.
+adaptive protocol). Under a paper protocol the attack differentiates a surrogate instead
+(`Defended.attacked_under`), and the verdict is still `Defended.model`'s; images crafted on a surrogate
+before (bench.crafted) are only scored again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from bench import state
 from bench.composition import BUDGET_TOL, inside_budget, perturbation_size
 from bench.contract import Attack, Defended
+from bench.crafted import Crafted
 from bench.data import Split
 
 @dataclass
@@ -26,6 +28,7 @@ class CellResult:
     seconds: float
     extra: dict = field(default_factory=dict)
     adversarial: torch.Tensor | None = None  # the attacked images, on the CPU, when asked to keep them
+    attack_extra: dict = field(default_factory=dict)  # the attack's own figures (Attack.extra()), in `extra` too
 
     @property
     def accuracy(self) -> float:
@@ -83,10 +86,11 @@ def _restore(watched: list, before: list, snapshots: list) -> list:
 
 def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size: int,
                 device: torch.device, protocol: str = "adaptive", progress=None, desc: str = "",
-                keep: bool = False) -> CellResult:
+                keep: bool = False, reuse: Crafted | None = None) -> CellResult:
     """Attack every batch of `split` and score it; record budget and state violations in `extra`. With
-    `keep`, the adversarial images come back too (CellResult.adversarial)."""
-    target = defended.surrogate if (protocol == "paper" and defended.surrogate is not None) else defended.model
+    `keep`, the adversarial images come back too (CellResult.adversarial). With `reuse`, the images an
+    earlier run crafted on the same surrogate are scored instead of attacking again."""
+    target = defended.attacked_under(protocol).model
     watched = [defended.model] + ([target] if target is not defended.model else [])
     before = [state.digest(m) for m in watched]
     snapshots = [(copy.deepcopy(m.state_dict()), state.modes(m)) for m in watched]
@@ -97,10 +101,15 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
     batches = split.batches(batch_size)
     if progress:
         batches = progress(batches, desc=desc or attack.name, total=-(-len(split) // batch_size))
+    offset = 0
     try:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            x_adv = attack.perturb(target, x, y).detach()
+            if reuse is None:
+                x_adv = attack.perturb(target, x, y).detach()
+            else:
+                x_adv = reuse.x_adv[offset:offset + len(x)].to(device)
+                offset += len(x)
             if x_adv.shape != x.shape:
                 raise RuntimeError(f"attack {attack.name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
             nonfinite += int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
@@ -119,7 +128,7 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
     linf_all, l2_all, l1_all = (torch.cat([s[norm] for s in sizes]) if sizes else torch.zeros(0)
                                 for norm in ("Linf", "L2", "L1"))
     extra = {
-        "state_changed": bool(changed),
+        "state_changed": bool(changed) or bool(reuse is not None and reuse.state_changed),
         "outside_budget": outside,
         "nonfinite": nonfinite,
         "max_linf": float(linf_all.max()) if len(linf_all) else 0.0,
@@ -127,7 +136,10 @@ def attack_cell(attack: Attack, defended: Defended, split: Split, *, batch_size:
         "median_l2": float(l2_all.median()) if len(l2_all) else 0.0,
         "max_l1": float(l1_all.max()) if len(l1_all) else 0.0,
     }
-    extra.update(attack.extra())
+    own = attack.extra() if reuse is None else reuse.extra
+    extra.update(own)
+    if reuse is not None:
+        extra["crafted_by"] = {"run": reuse.run_id[:10], "seconds": reuse.seconds}
     flags, spread = _combine(votes)
     extra.update(spread)
-    return CellResult(flags, seconds, extra, torch.cat(kept) if keep and kept else None)
+    return CellResult(flags, seconds, extra, torch.cat(kept) if keep and kept else None, own)

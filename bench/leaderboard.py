@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import pandas as pd
 
 from bench import latex, registry, webpage
 from bench.config import META_FIELDS, RUN_INFO
+from bench.contract import ADAPTIVE, PAPER, surrogate_of
 from bench.errors import BenchError, os_reason, require_safe_name
 from bench.models import file_label
 from bench.params import exact_text
@@ -238,6 +240,36 @@ def attack_labels(configs: list[Config]) -> tuple[list[str], list[str], list[str
     return labels, paper, threats
 
 
+def protocols_of(configs: list[Config]) -> list[str]:
+    """The protocols any of `configs` was attacked under: adaptive, then paper, then paper:NAME as first seen."""
+    seen = [p for cfg in configs for r in cfg.runs for (_, p) in r.cells] + \
+           [m["protocol"] for cfg in configs for r in cfg.runs for m in r.missing if m["attack"] != CLEAN]
+    ordered = list(dict.fromkeys(seen))
+    return sorted(ordered, key=lambda p: (p != ADAPTIVE, p != PAPER, ordered.index(p)))
+
+
+def surrogate_name(configs: list[Config], protocol: str) -> str:
+    """The surrogate a paper protocol attacks, by the name its defense declares ('' for the default surrogate
+    of a defense that names none)."""
+    name = surrogate_of(protocol)
+    if name:
+        return name
+    for cfg in configs:
+        for r in cfg.runs:
+            info = r.run.get("info")
+            declared = (info.get(RUN_INFO) or {}).get("surrogates") if isinstance(info, dict) else None
+            if isinstance(declared, dict) and declared and any(p == protocol for (_, p) in r.cells):
+                return next(iter(declared))
+    return ""
+
+
+def protocol_title(configs: list[Config], protocol: str) -> str:
+    if protocol == ADAPTIVE:
+        return "adaptive attacks"
+    name = surrogate_name(configs, protocol)
+    return f"paper protocol, surrogate {name} (attacks on it)" if name else "paper protocol (attacks on the surrogate)"
+
+
 def primary_threat(configs: list[Config]) -> str | None:
     """The threat model of the main table: the preset's own L∞ budget where any row was attacked at it,
     else the one most rows were attacked under."""
@@ -299,7 +331,7 @@ def incomplete(cfg: Config, threat: str | None = None, protocol: str | None = No
         for m in r.missing:
             if threat is not None and m["attack"] != CLEAN and (m["threat"], m["protocol"]) != (threat, protocol):
                 continue
-            text = m["attack"] + (" (paper)" if m["protocol"] == "paper" else "")
+            text = m["attack"] + (f" ({m['protocol']})" if m["protocol"] not in (ADAPTIVE, "-") else "")
             text += " failed" if m["error"] else " missing"
             out.append(text + (f" (seed {r.run['seed']})" if len(cfg.runs) > 1 else ""))
     return list(dict.fromkeys(out))
@@ -438,7 +470,7 @@ def detail_tables(configs: list[Config], order: list[Config]) -> list[Table]:
     primary = primary_threat(configs)
     tables = []
     for threat in sorted(threats, key=lambda t: t != primary):
-        for protocol in ("adaptive", "paper"):
+        for protocol in protocols_of(configs):
             attacks = attacks_of(configs, threat, protocol, requested=True)
             if not attacks:
                 continue
@@ -463,9 +495,9 @@ def detail_tables(configs: list[Config], order: list[Config]) -> list[Table]:
                     row[f"Δ worst vs {BASE_DEFENSE}"] = delta_text(cfg.flags(worst_label), base.flags(worst_label))
                 rows.append(row)
                 values.append(value)
-            kind = "adaptive attacks" if protocol == "adaptive" else "paper protocol (attacks on the surrogate)"
+            kind = protocol_title(configs, protocol)
             frame = pd.DataFrame(rows)
-            slug = f"detail-{threat}-{protocol}".lower().replace(" eps=", "-").replace("/", "-").replace(".", "-")
+            slug = re.sub(r"[^a-z0-9_-]+", "-", f"detail-{threat}-{protocol}".lower().replace(" eps=", "-"))
             tables.append(Table(f"{threat_text(threat)}, {kind}", frame,
                                 pd.DataFrame(values, columns=frame.columns).astype(float), anchor=slug))
     return tables
@@ -634,7 +666,7 @@ def cell_records(configs: list[Config]) -> list[dict]:
                 records.append(record(m["attack"], m["protocol"], None, "failed" if m["error"] else "missing",
                                       threat=m["threat"], error=m["error"]))
             for threat in threats:
-                for protocol in ("adaptive", "paper"):
+                for protocol in protocols_of([cfg]):
                     flags = Config._flags(r, f"worst:{threat}", protocol)
                     if flags is None:
                         continue
@@ -864,6 +896,14 @@ class ReportContext:
         """' ‡ incomplete: X missing, Y failed' for the requested cells `cfg`'s runs lack (of the worst case
         over `threat` when given), else ''. Any table showing a worst case should carry it."""
         return incomplete_mark(cfg, threat, protocol if threat is not None else None)
+
+    def protocols(self, configs: list | None = None) -> list[str]:
+        """The protocols `configs` (default: all) were attacked under: adaptive, paper, then paper:NAME."""
+        return protocols_of(self.configs if configs is None else configs)
+
+    def surrogate(self, protocol: str, configs: list | None = None) -> str:
+        """The name of the surrogate a paper protocol attacks ('' when its defense names none)."""
+        return surrogate_name(self.configs if configs is None else configs, protocol)
 
     def threats(self) -> list[str]:
         out = []

@@ -21,7 +21,8 @@ import torch
 from bench import checkpoints, checks, config as config_mod, data as data_mod, models, registry
 from bench.as_is import AsIs
 from bench.context import Context
-from bench.contract import Attack, Defended, Defense
+from bench.crafted import CraftedCache
+from bench.contract import ADAPTIVE, PAPER, Attack, Defended, Defense, Surrogate, surrogate_of
 from bench.params import resolve_params
 from bench.config import RUN_INFO, AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason, unknown
@@ -195,9 +196,8 @@ def prepare(req: Request) -> Prepared:
     if not defense_name:
         raise BenchError("no defense given (use --defense NAME, `bench list` shows them; or --model NAME "
                          "--checkpoint PATH to evaluate a model as it is)")
-    if req.protocol not in ("adaptive", "paper"):
-        raise BenchError(f"protocol must be adaptive or paper, got '{req.protocol}'")
     defense_cls = registry.load("defense", defense_name)
+    protocol = resolve_protocol(req.protocol, defense_name, defense_cls)
     items = [parse_attack(i) for i in attack_items(req.attacks)]
     names = list(dict.fromkeys(n for n, _ in items))
     attack_classes = {n: registry.load("attack", n) for n in names}
@@ -272,7 +272,7 @@ def prepare(req: Request) -> Prepared:
 
     cfg = RunConfig(defense=defense_name, params=tuple(sorted(params.items())), attacks=tuple(a for a, _ in attacks),
                     preset=preset, dataset=dataset, arch=arch, seed=req.seed, data_dir=req.data_dir,
-                    device=str(device), precision=precision, compile=bool(req.compile), protocol=req.protocol,
+                    device=str(device), precision=precision, compile=bool(req.compile), protocol=protocol,
                     out=str(out),
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
                     command=req.command, normalize=normalize, model_source=model_source,
@@ -306,9 +306,27 @@ def substitute(attacks: list[tuple[AttackSpec, Attack]], randomized: bool | None
     return out
 
 
+def resolve_protocol(text: Any, defense_name: str, defense_cls: type) -> str:
+    """adaptive, paper, or paper:NAME of a surrogate the defense declares (paper:FIRST is paper itself: the
+    first declared surrogate is the default one, stored under one name)."""
+    name = surrogate_of(text) if isinstance(text, str) else None
+    if name is None and text != ADAPTIVE:
+        raise BenchError(f"protocol must be adaptive, paper or paper:SURROGATE, got {text!r}")
+    if name:
+        names = list(defense_cls.SURROGATES)
+        if name not in names:
+            raise BenchError(f"defense '{defense_name}' has no surrogate '{name}' (its surrogates: "
+                             f"{', '.join(names) or 'none'})")
+        return PAPER if name == names[0] else text
+    return text
+
+
 def _protocol_for(cfg: RunConfig, has_surrogate: bool | None) -> str:
-    # Without a surrogate the paper protocol is the adaptive one: store it once, under 'adaptive'.
-    return "paper" if (cfg.protocol == "paper" and has_surrogate) else "adaptive"
+    # Without a surrogate the paper protocol is the adaptive one: store it once, under 'adaptive'. A named
+    # surrogate is declared by the defense's class, so its build has one.
+    if cfg.protocol == PAPER:
+        return PAPER if has_surrogate else ADAPTIVE
+    return cfg.protocol
 
 
 BUILD = "(build)"  # the failures-table cell of a defense whose build failed: the whole job
@@ -460,7 +478,22 @@ def _build(prep: Prepared, ctx: Context) -> tuple[Defended, float]:
     passes = defended.forward_passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise TypeError(f"build() returned Defended(forward_passes={passes!r}): it must be an integer >= 1")
+    _check_surrogates(type(prep.defense), defended)
     return defended, time.perf_counter() - start
+
+
+def _check_surrogates(cls: type, defended: Defended) -> None:
+    """build() returns the surrogates its class declares: the first as `surrogate`, the others by name."""
+    declared = list(cls.SURROGATES)
+    if declared and not isinstance(defended.surrogate, torch.nn.Module):
+        raise TypeError(f"build() returned no surrogate, but the class declares SURROGATES ({declared[0]} first)")
+    named = defended.surrogates
+    if not isinstance(named, dict) or sorted(named) != sorted(declared[1:]):
+        raise TypeError(f"build() returned surrogates {sorted(named) if isinstance(named, dict) else named!r}; "
+                        f"the class declares {declared[1:]} besides its default")
+    for name, s in named.items():
+        if not (isinstance(s, Surrogate) and isinstance(s.model, torch.nn.Module)):
+            raise TypeError(f"build() returned surrogates['{name}'] = {type(s).__name__}, not bench.api.Surrogate")
 
 
 def _build_and_probe(prep: Prepared, ctx: Context, n: int, stored: list[checks.CheckResult] | None = None
@@ -517,6 +550,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         "batch_dependent": int(defended.batch_dependent), "randomized": int(defended.randomized),
         "has_surrogate": int(defended.surrogate is not None),
         "info": {**defended.info, RUN_INFO: {"forward_passes": defended.forward_passes,
+                                             **({"surrogates": dict(type(prep.defense).SURROGATES)}
+                                                if type(prep.defense).SURROGATES else {}),
                                              "cached_files": dict(sorted(ctx.cached_files.items())),
                                              "meta": {**_stored_meta(store, run_id), **dict(cfg.meta)}}},
         "build_seconds": build_seconds,
@@ -540,18 +575,23 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         store.put_cell(run_id, attack=CLEAN, protocol=NO_PROTOCOL, name=CLEAN, params={}, norm="-", eps=0.0,
                        threat="-", flags=res.flags, seconds=res.seconds, extra=res.extra)
         log.info("clean: %.2f%% of %d (%.1fs)", 100 * res.accuracy, len(res.flags), res.seconds)
-    # Under the paper protocol the attack differentiates the surrogate, which is never batch-dependent.
-    target = defended if protocol == "adaptive" else Defended(
-        model=defended.surrogate, batch_dependent=False, randomized=defended.randomized, info=defended.info)
+    # Under a paper protocol the attack differentiates a surrogate, whose images other runs may have crafted
+    target = defended.attacked_under(protocol)
+    crafted = CraftedCache(Path(cfg.out), store) if protocol != ADAPTIVE else None
     for spec, attack in attacks:
         if (spec.label, protocol) in finished:
             continue
         _seed_all(cfg.seed, "attack", spec.label)
         try:
             attack.setup(ctx, target)
+            key = reuse = None
+            if crafted is not None:
+                key = crafted.key(target, protocol, spec.label, attack, cfg.seed, batch, test, prep.device)
+                reuse = crafted.load(key, test)
             res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
                                           protocol=protocol, progress=ctx.progress, desc=spec.label,
-                                          keep=cfg.save_adversarial)
+                                          keep=cfg.save_adversarial or (crafted is not None and reuse is None),
+                                          reuse=reuse)
         except Exception as exc:  # (a fault of the environment or the user still ends the command)
             if not _plugin_fault(exc):
                 raise
@@ -561,9 +601,11 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         store.put_cell(run_id, attack=spec.label, protocol=protocol, name=spec.name, params=dict(attack.params),
                        norm=attack.norm, eps=attack.eps, threat=attack.threat, flags=res.flags,
                        seconds=res.seconds, extra=res.extra)
-        log.info("%s (%s): %.2f%% of %d (%.1fs)", spec.label, protocol, 100 * res.accuracy, len(res.flags),
-                 res.seconds)
-        if res.adversarial is not None:
+        log.info("%s (%s): %.2f%% of %d (%.1fs%s)", spec.label, protocol, 100 * res.accuracy, len(res.flags),
+                 res.seconds, f", images crafted by run {reuse.run_id[:10]}" if reuse is not None else "")
+        if crafted is not None and reuse is None and res.adversarial is not None:
+            crafted.save(key, res.adversarial, res.attack_extra, res.extra["state_changed"], res.seconds, run_id)
+        if cfg.save_adversarial and res.adversarial is not None:
             save_adversarial(store, run_id, spec.label, protocol, res, test.y)
 
 
@@ -572,8 +614,8 @@ ADVERSARIAL = "adversarial"
 
 def adversarial_path(out: Path, run_id: str, label: str, protocol: str) -> Path:
     """Where `--save-adversarial` keeps a cell's images: OUT/adversarial/<run id>/<label>.<protocol>.npz."""
-    safe = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", label)
-    return Path(out) / ADVERSARIAL / run_id[:16] / f"{safe}.{protocol}.npz"
+    safe, kind = (re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text) for text in (label, protocol))
+    return Path(out) / ADVERSARIAL / run_id[:16] / f"{safe}.{kind}.npz"
 
 
 def save_adversarial(store: Store, run_id: str, label: str, protocol: str, res: CellResult, y: torch.Tensor) -> None:

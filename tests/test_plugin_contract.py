@@ -359,3 +359,43 @@ def test_a_broken_plugin_is_one_clear_error_before_any_work(bench, tmp_path, min
     assert res.err.strip() == f"bench: error: {message}" or (message in res.err and res.err.count("\n") == 1)
     assert "Traceback" not in res.err
     assert not (tmp_path / "results" / "cache").exists()  # nothing was trained
+
+
+# ---------------------------------------------------------------------------------------- surrogates
+
+
+def test_surrogate_declarations_are_checked_when_the_class_is_defined():
+    with pytest.raises(BenchError, match="SURROGATES must map names"):
+        class Bad(Defense):  # noqa: F841 -- defining it is the test
+            SURROGATES = {"Test-Batch": "an upper-case name with a dash"}
+
+    class Good(Defense):
+        SURROGATES = {"eval": "the default", "test_batch": "its batch's statistics"}
+
+    assert list(Good.SURROGATES) == ["eval", "test_batch"]
+
+
+def test_a_build_must_return_the_surrogates_its_class_declares():
+    import torch.nn as nn
+
+    from bench.api import Surrogate
+    from bench.runner import _check_surrogates
+
+    class Declares(Defense):
+        SURROGATES = {"eval": "the default", "test_batch": "its batch's statistics"}
+
+    net = nn.Linear(2, 2)
+    _check_surrogates(Declares, Defended(net, surrogate=net, surrogates={"test_batch": Surrogate(net, True)}))
+    _check_surrogates(Defense, Defended(net))  # declares none, returns none
+    for wrong, message in [(Defended(net, surrogates={"test_batch": Surrogate(net)}), "returned no surrogate"),
+                           (Defended(net, surrogate=net), r"surrogates \[\]; the class declares \['test_batch'\]"),
+                           (Defended(net, surrogate=net, surrogates={"test_batch": net}), "not bench.api.Surrogate")]:
+        with pytest.raises(TypeError, match=message):
+            _check_surrogates(Declares, wrong)
+    # attacked_under: the verdict is the defense's, the gradients the protocol's model's
+    shaped = Defended(net, surrogate=nn.Identity(), surrogates={"test_batch": Surrogate(nn.Tanh(), True)})
+    assert shaped.attacked_under("adaptive") is shaped
+    assert isinstance(shaped.attacked_under("paper").model, nn.Identity)
+    target = shaped.attacked_under("paper:test_batch")
+    assert isinstance(target.model, nn.Tanh) and target.batch_dependent
+    assert Defended(net).attacked_under("paper").model is net  # no surrogate: the paper protocol is the adaptive one

@@ -214,14 +214,21 @@ def test_worst_case_is_clean_and_every_attack_of_the_threat_model():
     assert clean.tolist() == [1, 1, 1, 1, 0]  # the inputs are not changed in place
 
 
-def test_protocol_gap_marks_the_paper_number_overestimated():
+def test_protocol_gap_marks_the_paper_number_overestimated_naming_each_surrogate():
     adaptive = {"pgd10": _cell("pgd10", np.arange(1000) < 500)}
     paper = {"pgd10": _cell("pgd10", np.arange(1000) < 810)}
-    result = checks.protocol_gap(adaptive, paper, has_surrogate=True)
-    assert result.status == "warn" and result.flag == "⚠ paper protocol overestimates by 31 pt"
     same = {"pgd10": _cell("pgd10", np.arange(1000) < 503)}
-    assert checks.protocol_gap(adaptive, same, has_surrogate=True).status == "pass"
-    assert checks.protocol_gap(adaptive, paper, has_surrogate=False).status == "skip"
+    result = checks.protocol_gap(adaptive, {"paper": paper}, has_surrogate=True, default_surrogate="eval")
+    assert result.status == "warn" and result.flag == "⚠ paper protocol overestimates (eval +31 pt)"
+    # each surrogate on its own: the one within noise is not named, every one beyond it is
+    result = checks.protocol_gap(adaptive, {"paper": same, "paper:test_batch": paper,
+                                            "paper:init_stats": {"pgd10": _cell("pgd10", np.arange(1000) < 600)}},
+                                 has_surrogate=True, default_surrogate="eval")
+    assert result.flag == "⚠ paper protocol overestimates (test_batch +31 pt, init_stats +10 pt)"
+    assert "pgd10 on eval: paper 50.3% vs adaptive 50.0%" in result.detail
+    assert checks.protocol_gap(adaptive, {"paper": same}, has_surrogate=True).status == "pass"
+    assert checks.protocol_gap(adaptive, {"paper": paper}, has_surrogate=False).status == "skip"
+    assert checks.protocol_gap(adaptive, {"paper:x": {"fgsm": paper["pgd10"]}}, has_surrogate=True).status == "skip"
 
 
 # ---------------------------------------------------------------------------------------- end to end
