@@ -12,16 +12,24 @@ the adaptive batch-dependent attack inside training).
 Inference: each chunk of m test samples is concatenated after `infer_ratio` * m clean training samples
 (drawn once per run from the run seed), run with BN on batch statistics and no buffer update; only the
 test part's logits are returned, so predictions depend on the batch (`batch_dependent=True`).
-`surrogate` is the same network in eval mode: what the paper's non-adaptive attacks differentiated.
+
+Surrogates for the paper protocol (`--protocol paper:NAME`), all of the one trained network: `eval`, the
+default, is it in eval mode (the population statistics training accumulated: the slides' non-adaptive
+attacks on "PNs"); `test_batch` normalises with the attacked test batch's own statistics (what inference at
+1:0 computes); `init_stats` is eval mode with the statistics as BN initialises them (mean 0, variance 1), as
+in a checkpoint whose training never updated them (a known failure of some training code). None depends on
+`infer_ratio`, so a ratio grid crafts each of their cells once (bench.crafted).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.api import (Context, Defended, Defense, Objective, Param, TRADES, batch_statistics, bn_modules,
+from bench.api import (Context, Defended, Defense, Objective, Param, Surrogate, TRADES, batch_statistics, bn_modules,
                        derived_seed, pgd, preset_spec, trades_attack, train)
 
 
@@ -106,6 +114,13 @@ class NormShaping(Defense):
         "epochs": Param(110, "training epochs", low=1, preset="epochs_pgd_at"),
         "lr": Param(0.1, "learning rate", above=0, preset="lr"),
     }
+    SURROGATES = {
+        "eval": "the network in eval mode: BN normalises with the population statistics of training (the "
+                "slides' non-adaptive attacks)",
+        "test_batch": "the network normalising with the attacked test batch's own statistics (inference at 1:0)",
+        "init_stats": "the network in eval mode with BN statistics as initialised (mean 0, variance 1): a "
+                      "checkpoint that never updated them",
+    }
 
     def build(self, ctx: Context) -> Defended:
         p, pre = self.params, ctx.preset
@@ -133,5 +148,10 @@ class NormShaping(Defense):
                      "shaping_indices_head": idx[:10].tolist()})
         # each prediction runs the network on the test image and its infer_ratio shaping images: 1 + ratio
         # images' forward computation per test image, as RobustBench counts passes
+        never_updated = copy.deepcopy(net).eval()
+        for _, bn in bn_modules(never_updated):
+            bn.reset_running_stats()
+        surrogates = {"test_batch": Surrogate(NormShapedModel(net, shaping[:0], 0).eval(), batch_dependent=True),
+                      "init_stats": Surrogate(never_updated)}
         return Defended(model=model, surrogate=net, batch_dependent=True, info=info,
-                        forward_passes=1 + p.infer_ratio)
+                        forward_passes=1 + p.infer_ratio, surrogates=surrogates)

@@ -1,70 +1,114 @@
 """The norm-shaping slides' tables III and IV from stored norm_shaping runs: a report plugin (entry-point
-group bench.reports) for the defense in `defenses/norm_shaping.py`."""
+group bench.reports) for the defense in `defenses/norm_shaping.py`.
+
+Every paper protocol that ran is shown on its own, named by its surrogate (`eval`, `test_batch`,
+`init_stats`): which of them, if any, reproduces the slides' non-adaptive numbers is the question.
+"""
 
 from __future__ import annotations
 
 from bench.api import delta_text
 
+from defenses.norm_shaping import NormShaping
+
+ADAPTIVE = "adaptive"
+
+
+def _surrogate(rc, protocol: str, configs: list) -> str:
+    return rc.surrogate(protocol, configs) or "default"
+
+
+def _grid(shaped: list, cell) -> list[list[str]]:
+    train_ratios = sorted({c.params.get("train_ratio") for c in shaped})
+    infer_ratios = sorted({c.params.get("infer_ratio") for c in shaped})
+    rows = []
+    for tr in train_ratios:
+        row = [f"1:{tr}"]
+        for ir in infer_ratios:
+            cfg = next((c for c in shaped if c.params.get("train_ratio") == tr and c.params.get("infer_ratio") == ir),
+                       None)
+            row.append(cell(cfg) if cfg is not None else "—")
+        rows.append(row)
+    return rows
+
 
 def report(rc) -> list[str]:
-    """Training x inference ratio grid (table IV) and adaptive vs non-adaptive attacks (table III)."""
+    """Training x inference ratio grids (table IV) and adaptive vs non-adaptive attacks (table III)."""
     import pandas as pd
 
     shaped = rc.find("norm_shaping")
     if not shaped:
         return []
     lines = ["## Norm shaping", ""]
-    train_ratios = sorted({c.params.get("train_ratio") for c in shaped})
     infer_ratios = sorted({c.params.get("infer_ratio") for c in shaped})
+    columns = ["train \\ infer"] + [f"1:{ir}" for ir in infer_ratios]
     threat = next((t for t in rc.threats() if t.startswith("Linf")), None)
-    grids = [("clean", "clean", "adaptive", "Clean accuracy")]
+    papers = [p for p in rc.protocols(shaped) if p != ADAPTIVE]
+
+    def accuracy(label, protocol):
+        def cell(cfg):
+            text = rc.accuracy(cfg, label, protocol)[0]
+            if label.startswith("worst:") and text != "—":
+                text += rc.fewer_attacks_mark(cfg, shaped, threat)
+            return text
+        return cell
+
+    def gap(label, protocol):
+        return lambda cfg: delta_text(cfg.flags(label, protocol), cfg.flags(label, ADAPTIVE))
+
+    grids = [("Clean accuracy", accuracy("clean", ADAPTIVE))]
     if threat:
-        grids.append((f"worst:{threat}", "worst", "adaptive", "Robust accuracy, adaptive attacks (worst case)"))
-        grids.append(("pgd10", "pgd10", "paper", "PGD-10 accuracy, non-adaptive (paper protocol: surrogate gradients)"))
-    for label, _, protocol, title in grids:
-        rows = []
-        for tr in train_ratios:
-            row = [f"1:{tr}"]
-            for ir in infer_ratios:
-                cfg = next((c for c in shaped if c.params.get("train_ratio") == tr and c.params.get("infer_ratio") == ir), None)
-                text = rc.accuracy(cfg, label, protocol)[0] if cfg is not None else "—"
-                if label.startswith("worst:") and text != "—":
-                    text += rc.fewer_attacks_mark(cfg, shaped, threat)
-                row.append(text)
-            rows.append(row)
-        if all(cell == "—" for r in rows for cell in r[1:]):
+        grids.append(("Robust accuracy, adaptive attacks (worst case)", accuracy(f"worst:{threat}", ADAPTIVE)))
+        for protocol in papers:
+            name = _surrogate(rc, protocol, shaped)
+            grids.append((f"PGD-10 accuracy, non-adaptive: attacks on the {name} surrogate",
+                          accuracy("pgd10", protocol)))
+            grids.append((f"PGD-10, {name} surrogate minus adaptive, in points (paired McNemar test)",
+                          gap("pgd10", protocol)))
+    for title, cell in grids:
+        rows = _grid(shaped, cell)
+        if all(text.startswith("—") for r in rows for text in r[1:]):
             continue
-        frame = pd.DataFrame(rows, columns=["train \\ infer"] + [f"1:{ir}" for ir in infer_ratios])
-        lines += [f"### {title} (the slides' table IV layout)", "", frame.to_markdown(index=False, disable_numparse=True), ""]
+        frame = pd.DataFrame(rows, columns=columns)
+        lines += [f"### {title} (the slides' table IV layout)", "", frame.to_markdown(index=False, disable_numparse=True),
+                  ""]
+    return lines + _table_iii(rc, shaped, papers)
+
+
+def _table_iii(rc, shaped: list, papers: list[str]) -> list[str]:
+    import pandas as pd
 
     base = (rc.find("pgd_at") or [None])[0]
-    reference = next((c for c in shaped if c.params.get("train_ratio") == 3 and c.params.get("infer_ratio") == 3), shaped[0])
+    reference = next((c for c in shaped if c.params.get("train_ratio") == 3 and c.params.get("infer_ratio") == 3),
+                     shaped[0])
     attacks = []
     for r in reference.runs:
         for (label, protocol) in r.cells:
-            if protocol == "paper" and label not in attacks:
+            if protocol != ADAPTIVE and label not in attacks:
                 attacks.append(label)
-    if attacks:
-        rows = []
-        for cfg in [c for c in (base, reference) if c is not None]:
-            row = [f"{cfg.defense} ({', '.join(f'{k}={v}' for k, v in sorted(cfg.params.items()) if 'ratio' in k)})",
-                   rc.accuracy(cfg, "clean")[0]]
-            for label in attacks:
-                paper = rc.accuracy(cfg, label, "paper")[0] if cfg.flags(label, "paper") else rc.accuracy(cfg, label)[0]
-                row += [paper, rc.accuracy(cfg, label)[0]]
-            rows.append(row)
-        columns = ["Defense", "Clean"] + [f"{a} {p}" for a in attacks for p in ("non-adaptive", "adaptive")]
-        gap = []
+    if not attacks:
+        return []
+    ratios = ", ".join(f"{k}={v}" for k, v in sorted(reference.params.items()) if "ratio" in k)
+    rows = []
+    if base is not None:
+        rows.append([base.defense, "adaptive (no surrogate)", rc.accuracy(base, "clean")[0]] +
+                    [rc.accuracy(base, a)[0] for a in attacks])
+    ran = [p for p in papers if any(reference.flags(a, p) for a in attacks)]
+    for protocol in ran + [ADAPTIVE]:
+        kind = "adaptive" if protocol == ADAPTIVE else f"non-adaptive, {_surrogate(rc, protocol, [reference])} surrogate"
+        rows.append([f"norm_shaping ({ratios})", kind, rc.accuracy(reference, "clean")[0]] +
+                    [rc.accuracy(reference, a, protocol)[0] if reference.flags(a, protocol) else "—" for a in attacks])
+    lines = ["### Adaptive vs non-adaptive attacks (the slides' table III layout)", "",
+             "Non-adaptive = a paper protocol: the attack differentiates a surrogate and the real batch-dependent "
+             "inference is scored on its images; adaptive = gradients through the whole inference batch. The "
+             "surrogates:", ""]
+    lines += [f"- `{name}`: {text}" for name, text in NormShaping.SURROGATES.items()]
+    lines += ["", pd.DataFrame(rows, columns=["Defense", "Attacks", "Clean"] + attacks).to_markdown(
+        index=False, disable_numparse=True), ""]
+    for protocol in ran:
+        name = _surrogate(rc, protocol, [reference])
         for label in attacks:
-            if reference.flags(label, "paper") and reference.flags(label):
-                gap.append(f"{label}: paper − adaptive = {_gap_text(rc, reference, label)}")
-        lines += ["### Adaptive vs non-adaptive attacks (the slides' table III layout)", "",
-                  "Non-adaptive = the paper protocol (gradients of the eval-mode surrogate, scored on the real "
-                  "batch-dependent inference); adaptive = gradients through the whole inference batch.", "",
-                  pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True), ""]
-        lines += [f"- {g}" for g in gap] + [""]
-    return lines
-
-
-def _gap_text(rc, cfg, label: str) -> str:
-    return delta_text(cfg.flags(label, "paper"), cfg.flags(label, "adaptive"))
+            if reference.flags(label, protocol) and reference.flags(label):
+                lines.append(f"- {label}, {name} surrogate − adaptive = "
+                             f"{delta_text(reference.flags(label, protocol), reference.flags(label, ADAPTIVE))}")
+    return lines + [""]

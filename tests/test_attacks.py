@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -396,6 +398,62 @@ def test_paper_protocol_attacks_the_surrogate_and_scores_the_model(out_dir, benc
     # the adaptive attack differentiates the real inference procedure: at least as strong
     assert cells[("pgd10", "adaptive")]["correct"] <= cells[("pgd10", "paper")]["correct"]
     assert cells[("shaping", "adaptive")]["extra"].get("note", "") == ""
+
+
+def _shaping_run(bench, out, infer_ratio: int, protocol: str, attacks: str = "pgd10"):
+    res = bench("run", "--preset", "smoke", "--defense", "norm_shaping", "--param", f"infer_ratio={infer_ratio}",
+                "--attacks", attacks, "--protocol", protocol, "--out", out, "--set", "epochs_pgd_at=3", "--quiet")
+    assert res.code == 0, res.err
+    from bench.store import Store
+
+    store = Store(out, create=False)
+    try:
+        run_id = next(r["run_id"] for r in store.runs() if r["params"]["infer_ratio"] == infer_ratio)
+        return run_id, {(c["attack"], c["protocol"]): c for c in store.cells(run_id)}
+    finally:
+        store.close()
+
+
+def test_each_surrogate_is_its_own_protocol_and_the_ratio_grid_crafts_its_images_once(out_dir, bench, tmp_path):
+    first, cells_1 = _shaping_run(bench, out_dir, 1, "paper:init_stats")
+    assert ("pgd10", "paper:init_stats") in cells_1 and "crafted_by" not in cells_1[("pgd10", "paper:init_stats")]["extra"]
+    # another inference ratio: the same trained network, hence the same surrogate and the same images
+    second, cells_3 = _shaping_run(bench, out_dir, 3, "paper:init_stats")
+    reused = cells_3[("pgd10", "paper:init_stats")]
+    assert reused["extra"]["crafted_by"]["run"] == first[:10] and second != first
+    # scored on its own defense: the same as crafting them again without the cache
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out_dir / "cache", fresh / "cache", ignore=shutil.ignore_patterns("crafted"))
+    _, again = _shaping_run(bench, fresh, 3, "paper:init_stats")
+    assert "crafted_by" not in again[("pgd10", "paper:init_stats")]["extra"]
+    assert np.array_equal(again[("pgd10", "paper:init_stats")]["flags"], reused["flags"])
+    # the default surrogate is another protocol, with images of its own
+    _, cells_3 = _shaping_run(bench, out_dir, 3, "paper:eval")  # the first declared surrogate: plain `paper`
+    assert ("pgd10", "paper") in cells_3 and "crafted_by" not in cells_3[("pgd10", "paper")]["extra"]
+    # a damaged file in the cache is crafted again, with a warning, not a crash
+    for path in (out_dir / "cache" / "crafted").glob("*.npz"):
+        path.write_bytes(b"not an npz")
+    _, cells_9 = _shaping_run(bench, out_dir, 9, "paper:init_stats")
+    assert "crafted_by" not in cells_9[("pgd10", "paper:init_stats")]["extra"]
+
+
+def test_the_test_batch_surrogate_at_ratio_zero_is_the_defense_itself(out_dir, bench):
+    _, paper = _shaping_run(bench, out_dir, 0, "paper:test_batch")
+    _, adaptive = _shaping_run(bench, out_dir, 0, "adaptive")
+    assert np.array_equal(paper[("pgd10", "paper:test_batch")]["flags"], adaptive[("pgd10", "adaptive")]["flags"])
+
+
+@pytest.mark.parametrize("defense, protocol, message", [
+    ("norm_shaping", "paper:bogus", "bench: error: defense 'norm_shaping' has no surrogate 'bogus' (its surrogates: eval, "
+                                    "test_batch, init_stats)"),
+    ("pgd_at", "paper:eval", "bench: error: defense 'pgd_at' has no surrogate 'eval' (its surrogates: none)"),
+    ("pgd_at", "papers", "bench: error: protocol must be adaptive, paper or paper:SURROGATE, got 'papers'"),
+])
+def test_an_unknown_surrogate_is_one_line_before_anything_runs(out_dir, bench, defense, protocol, message):
+    res = bench("run", "--preset", "smoke", "--defense", defense, "--attacks", "pgd10", "--protocol", protocol,
+                "--out", out_dir)
+    assert res.code == 2 and res.err.strip() == message
+    assert not (out_dir / "results.sqlite").exists()
 
 
 def test_shaping_on_a_batch_independent_defense_is_pgd_and_says_so(out_dir, bench):

@@ -262,6 +262,29 @@ def test_norm_shaping_ratio_zero_equals_train_mode_bn(shaped, ctx):
         assert not torch.allclose(zero(x), shaped.surrogate(x), atol=1e-3)  # eval mode differs
 
 
+def test_norm_shaping_surrogates_are_what_they_say(shaped, ctx):
+    from defenses.norm_shaping import NormShaping
+
+    assert sorted(shaped.surrogates) == sorted(list(NormShaping.SURROGATES)[1:])
+    net, x = shaped.surrogate, ctx.data.val.x[:24]
+    before = state.digest(net)
+    train_mode = copy.deepcopy(net).train()
+    test_batch, init_stats = shaped.surrogates["test_batch"], shaped.surrogates["init_stats"]
+    assert test_batch.batch_dependent and not init_stats.batch_dependent
+    never = copy.deepcopy(net)
+    for _, bn in layers.bn_modules(never):
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+    with torch.no_grad():
+        # test_batch: the attacked batch's own statistics, nothing else in it (inference at 1:0)
+        assert torch.allclose(test_batch.model(x), train_mode(x), atol=1e-5)
+        # init_stats: eval mode with the statistics BN starts from; the trained statistics are not touched
+        assert torch.allclose(init_stats.model(x), never(x), atol=1e-6)
+        assert not torch.allclose(init_stats.model(x), net(x), atol=1e-3)
+    assert state.digest(net) == before
+    assert all(float(bn.running_var.mean()) != 1.0 for _, bn in layers.bn_modules(net))
+
+
 def test_norm_shaping_shaping_samples_are_fixed_by_the_seed(ctx):
     a = defense("norm_shaping", ctx, epochs=2).build(ctx)
     b = defense("norm_shaping", ctx, epochs=2).build(ctx)  # cache hit for the weights

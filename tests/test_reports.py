@@ -48,7 +48,7 @@ defense = "norm_shaping"
 grid = {{ train_ratio = [1, 3], infer_ratio = [0, 3] }}
 params = {{ epochs = 2 }}
 attacks = ["pgd10"]
-protocols = ["paper", "adaptive"]
+protocols = ["paper", "paper:test_batch", "adaptive"]
 
 [[cells]]
 defense = "norm_shaping"
@@ -83,7 +83,11 @@ def test_sweep_expands_the_grid_and_stores_every_run(swept):
     assert {r["params"]["k"] for r in runs if r["defense"] == "rift_bn"} == {1, 2}
     ns = [r for r in runs if r["defense"] == "norm_shaping"]
     cells = Store(out, create=False).cells(ns[0]["run_id"])
-    assert {c["protocol"] for c in cells if c["attack"] == "pgd10"} == {"paper", "adaptive"}
+    assert {c["protocol"] for c in cells if c["attack"] == "pgd10"} == {"paper", "paper:test_batch", "adaptive"}
+    # each train ratio's network is one surrogate: its images are crafted at one inference ratio, reused at the other
+    reused = [c for c in Store(out, create=False).cells() if c["protocol"].startswith("paper")
+              and c["extra"].get("crafted_by")]
+    assert len(reused) == 4  # 2 train ratios x 2 surrogates, each crafted at one ratio and reused at the other
     rift = next(r for r in runs if r["defense"] == "rift")
     assert rift["command"].startswith("bench run --defense rift --param k=")
 
@@ -146,7 +150,13 @@ def test_norm_shaping_grid_and_adaptive_table(board):
     assert set(rows) == {"1:1", "1:3"}
     # only train 1:1 x infer 1:0 also ran fgsm: every other cell's worst case is marked as over fewer attacks
     assert "†" not in rows["1:1"][0] and rows["1:1"][1].endswith("† without fgsm") and "† without fgsm" in rows["1:3"][0]
-    assert "### Adaptive vs non-adaptive attacks" in text and "pgd10 non-adaptive" in text
+    table = text.split("### Adaptive vs non-adaptive attacks", 1)[1].split("\n## ", 1)[0]
+    kinds = [ln.split("|")[2].strip() for ln in table.splitlines() if ln.startswith("| norm_shaping")]
+    assert kinds == ["non-adaptive, eval surrogate", "non-adaptive, test_batch surrogate", "adaptive"]
+    assert "- pgd10, test_batch surrogate − adaptive = " in table and "- `init_stats`: " in table
+    assert "### PGD-10 accuracy, non-adaptive: attacks on the test_batch surrogate" in text
+    assert "### PGD-10, eval surrogate minus adaptive, in points" in text
+    assert "paper protocol, surrogate test_batch (attacks on it)" in text  # its detail table
 
 
 def test_fragile_and_finetune_sections(board):
@@ -214,7 +224,7 @@ def test_csv_and_json_hold_numbers(board):
     assert pgd.loc[("worst:Linf eps=0.1", "adaptive"), "accuracy"] <= min(
         pgd.loc[("pgd10", "adaptive"), "accuracy"], pgd.loc[("fgsm", "adaptive"), "accuracy"])
     shaped = frame[frame["defense"] == "norm_shaping"]
-    assert set(shaped["protocol"]) == {"adaptive", "paper"}
+    assert set(shaped["protocol"]) == {"adaptive", "paper", "paper:test_batch"}
 
     exported = json.loads((dest / "digits-tiny_cnn-smoke.json").read_text())
     assert len(exported["cells"]) == len(frame)
