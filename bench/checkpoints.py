@@ -375,7 +375,7 @@ def _train_base(ctx, recipe: str, path: Path) -> nn.Module:
 
     result = train(model, ctx.data.train, obj, spec, device=ctx.device, precision=ctx.precision,
                    generator=ctx.generator(f"base:{recipe}:data"), evaluate=evaluate,
-                   progress=ctx.progress, desc=f"base {recipe}", compile=getattr(ctx, "compile", False))
+                   progress=ctx.progress, desc=f"base {recipe}", compile=ctx.compile)
     meta = {"arch": ctx.arch, "dataset": ctx.data.name, "recipe": recipe, "best_epoch": result.best_epoch,
             "seconds": result.seconds, "history": result.history, "created": time.time(),
             "identity": stable_hash(base_identity(ctx, recipe))}

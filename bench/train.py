@@ -271,7 +271,8 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
           device: torch.device, precision: str = "fp32", generator: torch.Generator | None = None,
           trainable: Iterable[nn.Parameter] | None = None, frozen_stats: Iterable[nn.Module] = (),
           evaluate: Callable[[nn.Module], dict] | None = None, progress=None,
-          desc: str = "train", sync_every: int | None = None, compile: bool = False) -> TrainResult:
+          desc: str = "train", sync_every: int | None = None, compile: bool = False,
+          resident_data: bool = True) -> TrainResult:
     """Train `trainable` (default: every parameter) of `model` in place; leave it in eval mode with the
     selected epoch's weights loaded.
 
@@ -280,6 +281,8 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
     `spec.select` names the metric whose maximum picks the kept epoch (ties: the earlier epoch).
     `sync_every`: steps between read-backs of the loss (default: 1 on the CPU, SYNC_EVERY on a GPU).
     `compile`: run the objective's forwards and backwards through `torch.compile(model)` (same weights).
+    `resident_data`: keep the training images on a GPU for the run where they fit (`resident`); False leaves
+    them on the host, every batch crossing the bus (what benchmarks/gpu.py measures the lever against).
     """
     params = list(model.parameters()) if trainable is None else list(trainable)
     if not params:
@@ -291,7 +294,7 @@ def train(model: nn.Module, train_split: data_mod.Split, objective: Objective, s
     frozen_stats = list(frozen_stats)
     opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     autocast = autocast_factory(precision, device)
-    train_split = resident(train_split, device)
+    train_split = resident(train_split, device) if resident_data else train_split
     forward = torch.compile(model) if compile else model  # shares `model`'s parameters and buffers
     # A GPU runs ahead of Python until a value is read back: read the loss every SYNC_EVERY steps there, every
     # step on the CPU (where reading costs nothing and a divergence is named at its step).

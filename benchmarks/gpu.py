@@ -91,20 +91,15 @@ def training_rows(args, ds, preset, device, precision):
                 ("without resident data", {"resident": False}), ("loss read every step", {"sync_every": 1})]
     if "compile" not in args.skip:
         variants.append(("with --compile", {"compile": True}))
-    rows, trained, keep_resident = [], None, train.resident
+    rows, trained = [], None
     for label, change in variants:
         model = copy.deepcopy(start)
         model = train.to_device(model, device) if change.get("channels_last", True) else model.to(device)
-        # off: the training images stay on the host and every batch crosses the bus, as before
-        train.resident = keep_resident if change.get("resident", True) else (lambda split, device: split)
         kwargs = dict(device=device, precision=precision, sync_every=change.get("sync_every"),
-                      compile=change.get("compile", False))
-        try:
-            train.train(model, warm_split, objective, one_epoch, generator=torch.Generator().manual_seed(1), **kwargs)
-            _, sec = timed(lambda: train.train(model, timed_split, objective, one_epoch,
-                                               generator=torch.Generator().manual_seed(2), **kwargs), device)
-        finally:
-            train.resident = keep_resident
+                      compile=change.get("compile", False), resident_data=change.get("resident", True))
+        train.train(model, warm_split, objective, one_epoch, generator=torch.Generator().manual_seed(1), **kwargs)
+        _, sec = timed(lambda: train.train(model, timed_split, objective, one_epoch,
+                                           generator=torch.Generator().manual_seed(2), **kwargs), device)
         rows.append((label, n / sec))
         if trained is None:
             trained = model
