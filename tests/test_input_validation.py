@@ -53,7 +53,7 @@ BAD_RUN = {
     "arch empty": (["--arch", ""], "--model/--arch must not be empty"),
     "data-dir empty": (["--data-dir", ""], "--data-dir must not be empty"),
     "precision": (["--precision", "fp16"], "precision must be auto, bf16 or fp32"),
-    "protocol": (["--protocol", "both"], "protocol must be adaptive or paper"),
+    "protocol": (["--protocol", "both"], "protocol must be adaptive, paper or paper:SURROGATE"),
     "attacks empty": (["--attacks", ""], "no attacks given"),
     "attack eps inf": (["--attacks", "pgd10[eps=inf]"], "parameter 'eps' must be finite"),
     "attack eps overflows": (["--attacks", "pgd10[eps=1e999]"], "parameter 'eps' must be finite"),
