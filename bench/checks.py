@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench import registry, state, stats
-from bench.config import RUN_INFO
+from bench.config import default_surrogate
 from bench.contract import ADAPTIVE, surrogate_of
 from bench.projected_gradient import pgd
 from bench.stats import mcnemar
@@ -284,9 +284,6 @@ def from_cells(run: dict, cells: list[dict]) -> list[CheckResult]:
     for c in attack_cells:
         if surrogate_of(c["protocol"]) is not None:
             papers.setdefault(c["protocol"], {})[c["attack"]] = c
-    info = run.get("info")
-    declared = (info.get(RUN_INFO) or {}).get("surrogates") if isinstance(info, dict) else None
-    default = next(iter(declared), "") if isinstance(declared, dict) else ""
     return [state_preserved(attack_cells), budget(attack_cells), budget_monotonicity(adaptive),
             blackbox_whitebox(adaptive), worst_case(clean, list(adaptive.values())),
-            protocol_gap(adaptive, papers, bool(run.get("has_surrogate")), default)]
+            protocol_gap(adaptive, papers, bool(run.get("has_surrogate")), default_surrogate(run))]

@@ -381,8 +381,21 @@ CELLS = ("a list of tables ([[cells]])", _list_of(lambda v: isinstance(v, dict))
 # ran, so they are not part of the run's identity. `reported:L2` applies to the L2 record only.
 META_FIELDS = ("link", "authors", "venue", "reported", "footnote", "additional_data")
 # The key of a stored run's info that holds what the harness records beside the defense's own info: the
-# defense's declared forward passes per prediction and the --meta fields.
+# defense's declared forward passes per prediction, its declared surrogates, the cached files and --meta.
 RUN_INFO = "bench"
+
+
+def harness_info(run: dict | None) -> dict:
+    """What the harness recorded under RUN_INFO in a stored run's info ({} when absent or malformed)."""
+    info = run.get("info") if isinstance(run, dict) else None
+    recorded = info.get(RUN_INFO) if isinstance(info, dict) else None
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def default_surrogate(run: dict | None) -> str:
+    """The name a stored run's defense declares for its default surrogate ('' when it names none)."""
+    declared = harness_info(run).get("surrogates")
+    return next(iter(declared), "") if isinstance(declared, dict) else ""
 
 
 def validate_meta(meta: dict) -> tuple:

@@ -48,25 +48,26 @@ def _source_digest(obj: object) -> str:
 
 
 class CraftedCache:
-    def __init__(self, out: Path, store) -> None:
-        self.root, self.store = Path(out), store
-        self._test_digests: dict[int, str] = {}
+    """One run's paper-protocol cells: what they share (the surrogate, the test images, the seed...) is
+    digested once; `key` adds each attack."""
 
-    def key(self, target: Defended, protocol: str, label: str, attack: Attack, seed: int, batch_size: int,
-            test: Split, device: torch.device) -> str:
-        if id(test) not in self._test_digests:
-            h = hashlib.sha256()
-            for t in (test.x, test.y):
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-            self._test_digests[id(test)] = h.hexdigest()
-        parts = {"protocol": protocol, "surrogate": state.digest(target.model),
-                 "surrogate_class": f"{type(target.model).__module__}.{type(target.model).__qualname__}",
-                 "batch_dependent": bool(target.batch_dependent), "randomized": bool(target.randomized),
-                 "attack": f"{type(attack).__module__}.{type(attack).__qualname__}",
+    def __init__(self, out: Path, store, target: Defended, protocol: str, seed: int, batch_size: int,
+                 test: Split, device: torch.device) -> None:
+        self.root, self.store = Path(out), store
+        images = hashlib.sha256()
+        for t in (test.x, test.y):
+            images.update(str(tuple(t.shape)).encode())
+            images.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+        self.shared = {"protocol": protocol, "surrogate": state.digest(target.model),
+                       "surrogate_class": f"{type(target.model).__module__}.{type(target.model).__qualname__}",
+                       "batch_dependent": bool(target.batch_dependent), "randomized": bool(target.randomized),
+                       "seed": seed, "batch_size": batch_size, "test": images.hexdigest(), "device": device.type,
+                       "torch": torch.__version__}
+
+    def key(self, label: str, attack: Attack) -> str:
+        parts = {**self.shared, "attack": f"{type(attack).__module__}.{type(attack).__qualname__}",
                  "attack_source": _source_digest(type(attack)), "label": label,
-                 "params": repr(sorted(attack.params.items())), "seed": seed, "batch_size": batch_size,
-                 "test": self._test_digests[id(test)], "device": device.type, "torch": torch.__version__}
+                 "params": repr(sorted(attack.params.items()))}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def _relpath(self, key: str) -> str:

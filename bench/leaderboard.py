@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bench import latex, registry, webpage
-from bench.config import META_FIELDS, RUN_INFO
+from bench.config import META_FIELDS, default_surrogate, harness_info
 from bench.contract import ADAPTIVE, PAPER, surrogate_of
 from bench.errors import BenchError, os_reason, require_safe_name
 from bench.models import file_label
@@ -254,13 +254,8 @@ def surrogate_name(configs: list[Config], protocol: str) -> str:
     name = surrogate_of(protocol)
     if name:
         return name
-    for cfg in configs:
-        for r in cfg.runs:
-            info = r.run.get("info")
-            declared = (info.get(RUN_INFO) or {}).get("surrogates") if isinstance(info, dict) else None
-            if isinstance(declared, dict) and declared and any(p == protocol for (_, p) in r.cells):
-                return next(iter(declared))
-    return ""
+    return next((default_surrogate(r.run) for cfg in configs for r in cfg.runs
+                 if default_surrogate(r.run) and any(p == protocol for (_, p) in r.cells)), "")
 
 
 def protocol_title(configs: list[Config], protocol: str) -> str:
@@ -605,7 +600,7 @@ def numbers(cfg: Config, threats: list[str], labels: list[str], threat: str | No
     # RobustBench's autoattack_acc: the first cell of this threat model of an attack reported as it
     aa = next((lab for lab in labels if _reported_as(lab) == "AutoAttack"
                and any(r.cells.get((lab, "adaptive"), {}).get("threat") == threat for r in cfg.runs)), None)
-    declared = [(r.run.get("info") or {}).get(RUN_INFO) or {} for r in cfg.runs]
+    declared = [harness_info(r.run) for r in cfg.runs]
     meta: dict = {}
     for d in declared:  # several seeds: each run's fields, the later seeds' winning
         meta.update(d.get("meta") or {})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import checks as checks_mod
-from bench.config import RUN_INFO
+from bench.config import harness_info
 from bench.errors import BenchError
 from bench.store import DB_NAME, Store, pack
 
@@ -116,8 +116,7 @@ def _same_cached_files(stores: list[Store]) -> None:
     seen: dict[str, tuple[str, str]] = {}  # cached file -> (sha256, first database using it)
     for store in stores:
         for run in store.runs():
-            info = run["info"].get(RUN_INFO) if isinstance(run["info"], dict) else None
-            used = info.get("cached_files") if isinstance(info, dict) else None
+            used = harness_info(run).get("cached_files")
             for name, digest in (used or {}).items():
                 first = seen.setdefault(name, (digest, str(store.path)))
                 if first[0] != digest:

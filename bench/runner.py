@@ -519,8 +519,7 @@ def _build_and_probe(prep: Prepared, ctx: Context, n: int, stored: list[checks.C
 def _stored_meta(store: Store, run_id: str) -> dict:
     """The --meta fields a stored run already has (a resumed run without --meta keeps them)."""
     run = next((r for r in store.runs() if r["run_id"] == run_id), None)
-    info = run["info"].get(RUN_INFO) if run is not None and isinstance(run["info"], dict) else None
-    return dict(info.get("meta") or {}) if isinstance(info, dict) else {}
+    return dict(config_mod.harness_info(run).get("meta") or {})
 
 
 def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: bool,
@@ -577,7 +576,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         log.info("clean: %.2f%% of %d (%.1fs)", 100 * res.accuracy, len(res.flags), res.seconds)
     # Under a paper protocol the attack differentiates a surrogate, whose images other runs may have crafted
     target = defended.attacked_under(protocol)
-    crafted = CraftedCache(Path(cfg.out), store) if protocol != ADAPTIVE else None
+    crafted = None if protocol == ADAPTIVE else CraftedCache(Path(cfg.out), store, target, protocol, cfg.seed,
+                                                             batch, test, prep.device)
     for spec, attack in attacks:
         if (spec.label, protocol) in finished:
             continue
@@ -586,7 +586,7 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
             attack.setup(ctx, target)
             key = reuse = None
             if crafted is not None:
-                key = crafted.key(target, protocol, spec.label, attack, cfg.seed, batch, test, prep.device)
+                key = crafted.key(spec.label, attack)
                 reuse = crafted.load(key, test)
             res: CellResult = attack_cell(attack, defended, test, batch_size=batch, device=prep.device,
                                           protocol=protocol, progress=ctx.progress, desc=spec.label,
