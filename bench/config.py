@@ -240,11 +240,12 @@ class RunConfig:
     model_source: str = ""  # sha256 of the model factory's source file, for a model from outside bnbench
     meta: tuple = ()  # sorted (field, value) pairs of --meta: stored with the run, not part of its identity
     standard: tuple = ()  # (field, value): the data's standard value of each of ADDED_FIELDS
+    added_at_default: tuple = ()  # the defense's `added` parameters at their default: not in the identity
 
     def identity(self) -> dict:
         """What determines the defended model and its clean/attack results (not where they are stored)."""
         return {
-            "defense": self.defense, "params": [list(p) for p in self.params],
+            "defense": self.defense, "params": [list(p) for p in self.params if p[0] not in self.added_at_default],
             "preset": preset_identity(self.preset, dict(self.standard)), "dataset": self.dataset,
             **model_identity(self.arch, self.model_source, self.normalize),
             "seed": self.seed, "precision": self.precision, "data": self.data_fingerprint,

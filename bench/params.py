@@ -24,6 +24,9 @@ class Param:
     `follows` names another parameter whose value picks a case: `cases` maps that value to the fields that
     differ from this declaration (an attack's budget follows its norm: {"L2": dict(default=0.5,
     preset="eps_l2", high=None)}); values it does not name use this declaration as it is.
+    `added`: declared after results were stored. At its default the parameter is left out of a run's identity,
+    so the runs stored before it existed keep their ids (and stay finished for a resumed sweep); set to
+    another value, it is part of it.
     """
 
     default: Any
@@ -38,6 +41,7 @@ class Param:
     per_preset: Mapping[str, Any] | None = field(default=None, hash=False)
     follows: str | None = None
     cases: Mapping[Any, Mapping[str, Any]] | None = field(default=None, hash=False)
+    added: bool = False
 
     def __post_init__(self) -> None:
         # read-only copies: a declaration never changes after the class is made
@@ -165,6 +169,13 @@ def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, Any],
         else:
             out[name] = spec.default if spec.default is None else convert(name, spec, spec.default)
     return {name: out[name] for name in specs}
+
+
+def added_at_default(specs: dict[str, Param], values: dict[str, Any], preset: Any = None) -> tuple[str, ...]:
+    """The `added` parameters whose value in `values` is their default at this preset: what a run's identity
+    leaves out."""
+    defaults = resolve_params("", specs, {}, preset)
+    return tuple(sorted(k for k, spec in specs.items() if spec.added and values.get(k) == defaults[k]))
 
 
 def _per_preset(owner: str, name: str, spec: Param) -> dict[str, Any]:

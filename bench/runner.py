@@ -23,7 +23,7 @@ from bench.as_is import AsIs
 from bench.context import Context
 from bench.crafted import CraftedCache
 from bench.contract import ADAPTIVE, PAPER, Attack, Defended, Defense, Surrogate, surrogate_of
-from bench.params import resolve_params
+from bench.params import added_at_default, resolve_params
 from bench.config import RUN_INFO, AttackSpec, RunConfig, parse_assignments
 from bench.errors import BenchError, os_reason, unknown
 from bench.evaluator import CellResult, attack_cell, clean_cell
@@ -277,7 +277,8 @@ def prepare(req: Request) -> Prepared:
                     base_checkpoints=tuple(bases), checks=req.checks, data_fingerprint=data.fingerprint,
                     command=req.command, normalize=normalize, model_source=model_source,
                     save_adversarial=bool(req.save_adversarial), meta=config_mod.validate_meta(req.meta),
-                    standard=tuple((n, getattr(data.spec, n)) for n in config_mod.ADDED_FIELDS))
+                    standard=tuple((n, getattr(data.spec, n)) for n in config_mod.ADDED_FIELDS),
+                    added_at_default=added_at_default(defense_cls.PARAMS, params, preset))
     return Prepared(cfg, defense, attacks, data, device)
 
 

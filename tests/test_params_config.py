@@ -159,3 +159,23 @@ def test_rift_scales_its_mrc_budget_itself_and_set_of_it_says_use_param(bench, t
     res = bench("run", "--preset", "smoke", "--defense", "standard", "--set", "mrc_samples=16", "--out", tmp_path / "r")
     assert res.code == 2 and "preset has no field 'mrc_samples'" in res.err, res.err
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_a_parameter_added_later_keeps_stored_run_ids_at_its_default(tmp_path, monkeypatch):
+    from bench import registry
+    from bench.runner import Request, prepare
+
+    rift = registry.load("defense", "rift")
+
+    def run_id(**given):
+        return prepare(Request(defense="rift", attacks="fgsm", preset="smoke", params=given, device="cpu",
+                               out=str(tmp_path / "r"))).config.run_id
+
+    with_default, given_default, other = run_id(), run_id(mrc_ascent="sgd"), run_id(mrc_ascent="normalized")
+    before = {k: v for k, v in rift.PARAMS.items() if k != "mrc_ascent"}
+    monkeypatch.setattr(rift, "PARAMS", before)  # the plugin as it was before the parameter existed
+    assert with_default == given_default == run_id()
+    assert other != with_default  # set to another value, the parameter is part of the identity
+    monkeypatch.setattr(rift, "PARAMS", {**before, "mrc_ascent": dataclasses.replace(
+        registry.load("defense", "rift_bn").PARAMS["mrc_ascent"], added=False)})
+    assert run_id() != with_default  # without `added`, a new parameter would have orphaned every stored run
