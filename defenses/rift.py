@@ -19,6 +19,12 @@ PGD step is 2/225 (a typo); the harness uses the preset's 2/255. Ties in MRC go 
 first. RiFT with BN: a BN layer's MRC perturbs [gamma; beta] (`bn_perturb=affine`) or gamma alone
 (`gamma`, the literal extension of the code) in the same relative ball; BN gamma is not scale-invariant, so
 BN and conv MRCs are not on one scale (recorded in `info`).
+
+`mrc_ascent=normalized` is ours, not the papers': the code's SGD(lr=1) takes steps as long as the raw
+gradient, which is large for a conv weight feeding BN (scale-invariant, gradient ~ 1/||W||) and small for
+BN's [gamma; beta], so the BN ascents stop far inside their ball and BN MRCs come out low for want of
+reaching it. Normalized steps are a quarter of the ball's radius along the gradient's direction, projected
+each step, as L2 PGD does for inputs: every module's ascent reaches its surface whatever its scale.
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ class RiFT(Defense):
         "modules": Param((), "fine-tune these exact module paths instead of the lowest-MRC ones", kind=tuple,
                          item=str),
         "k": Param(1, "number of lowest-MRC modules fine-tuned jointly (the paper's RiFT: 1)", low=1, high=5),
+        "mrc_ascent": Param("sgd", "MRC ascent steps: sgd (the code: SGD lr 1 on the raw gradient, projected "
+                            "each pass) or normalized (ours: a quarter of the ball's radius along the gradient, "
+                            "projected each step, so every module reaches its ball whatever its scale)",
+                            choices=("sgd", "normalized"), added=True),
     }
     candidate_kinds = ("conv", "linear")
 
@@ -116,9 +126,12 @@ class RiFT(Defense):
             "base_selection": {"robust": base_robust}, "admissible_alphas": admissible,
             "finetune": ft_info, "bn_stats": p.bn_stats, "seconds": seconds, "bn_outputs": bn_outputs,
         }
+        info["mrc_ascent"] = p.mrc_ascent
         if "bn" in self.candidate_kinds:
             info["mrc_scale_note"] = ("BN gamma is not scale-invariant: BN and Conv/Linear MRCs are not on one "
-                                      "scale, so the top-k mixes two rankings")
+                                      "scale, so the top-k mixes two rankings"
+                                      + ("" if p.mrc_ascent == "normalized" else
+                                         "; with SGD steps a BN ascent may not reach its ball (max_delta_ratio)"))
         return Defended(model=model.eval(), info=info)
 
     def mrc_table(self, ctx: Context, base: nn.Module, split) -> list[dict]:
@@ -143,11 +156,14 @@ class RiFT(Defense):
             perturb = self.bn_perturb if kind == "bn" else "weight"
             identity = {"selection": p.selection, "eps": p.mrc_eps, "passes": p.mrc_passes,
                         "samples": p.mrc_samples, "batch": p.mrc_batch, "module": path, "perturb": perturb}
+            if p.mrc_ascent != "sgd":  # the MRCs memoised before the option existed stay valid
+                identity["ascent"] = p.mrc_ascent
 
             def compute(path=path, perturb=perturb):
                 fs = fixed_set()
                 return module_robust_criticality(ctx, base, path, *fs["xy"], loss0=fs["loss0"], eps=p.mrc_eps,
-                                                 passes=p.mrc_passes, batch=p.mrc_batch, perturb=perturb)
+                                                 passes=p.mrc_passes, batch=p.mrc_batch, perturb=perturb,
+                                                 ascent=p.mrc_ascent)
 
             row = ctx.memo("rift-mrc", identity, compute)
             rows.append({**row, "kind": kind, "order": order})
@@ -217,8 +233,9 @@ def set_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> 
 
 def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor, *,
                               loss0: tuple[float, float], eps: float, passes: int, batch: int,
-                              perturb: str) -> dict:
-    """Worst CE increase reachable by moving one module's weights within eps * ||W0|| (relative)."""
+                              perturb: str, ascent: str = "sgd") -> dict:
+    """Worst CE increase reachable by moving one module's weights within eps * ||W0|| (relative), by SGD
+    steps projected each pass (`ascent=sgd`, the code) or normalized steps projected each step (ours)."""
     net = copy.deepcopy(model).eval()
     for q in net.parameters():
         q.requires_grad_(False)
@@ -233,6 +250,15 @@ def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torc
     gen = ctx.generator(f"rift:mrc:{path}")
     best_loss, best_acc = loss0
     losses, ratios = [loss0[0]], [0.0]
+
+    @torch.no_grad()
+    def project() -> None:  # the concatenated delta onto the ball
+        deltas = [q - o for q, o in zip(params, origin)]
+        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
+        if norm > radius:
+            for q, o, d in zip(params, origin, deltas):
+                q.copy_(o + d * (radius / norm))
+
     for _ in range(passes):
         order = torch.randperm(len(x), generator=gen).to(x.device)
         for start in range(0, len(x), batch):
@@ -242,13 +268,17 @@ def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torc
             loss = -F.cross_entropy(logits.float(), y[idx])  # ascent
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            if ascent == "sgd":
+                opt.step()
+                continue
+            with torch.no_grad():
+                grad_norm = math.sqrt(sum(float(q.grad.pow(2).sum()) for q in params))
+                if grad_norm > 0:
+                    for q in params:
+                        q.sub_(q.grad * (radius / 4 / grad_norm))
+            project()
+        project()
         with torch.no_grad():
-            deltas = [q - o for q, o in zip(params, origin)]
-            norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
-            if norm > radius:  # project the concatenated delta onto the ball
-                for q, o, d in zip(params, origin, deltas):
-                    q.copy_(o + d * (radius / norm))
             ratios.append(math.sqrt(sum(float((q - o).pow(2).sum()) for q, o in zip(params, origin)))
                           / max(radius / eps, 1e-30))
         loss, acc = set_loss(net, x, y, batch)
@@ -257,7 +287,7 @@ def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torc
             best_loss, best_acc = loss, acc
     return {"module": path, "mrc": best_loss - loss0[0], "loss0": loss0[0], "loss_max": best_loss,
             "acc0": loss0[1], "acc_at_max": best_acc, "pass_losses": losses, "max_delta_ratio": max(ratios),
-            "perturb": perturb, "numel": sum(o.numel() for o in origin)}
+            "perturb": perturb, "ascent": ascent, "numel": sum(o.numel() for o in origin)}
 
 
 def bn_output_samples(ctx: Context, model: nn.Module, split, images: int = 256, per_layer: int = 300) -> dict:

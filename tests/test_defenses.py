@@ -308,3 +308,15 @@ def test_every_defense_runs_end_to_end_and_reaches_the_leaderboard(bench, out_di
     table = "\n".join(Path(p).read_text() for p in res.out.split() if p.endswith(".md"))
     for name in ["pgd_at"] + ALL:
         assert f"| {name} " in table, name
+
+
+def test_normalized_mrc_ascent_reaches_every_ball_and_is_memoised_apart(ctx):
+    sgd = {r["module"]: r for r in defense("rift_bn", ctx, k=1, mrc_passes=8).build(ctx).info["candidates"]}
+    built = defense("rift_bn", ctx, k=1, mrc_passes=8, mrc_ascent="normalized").build(ctx)
+    normalized = {r["module"]: r for r in built.info["candidates"]}
+    assert built.info["mrc_ascent"] == "normalized" and set(normalized) == set(sgd)
+    for row in normalized.values():  # steps of a quarter radius reach the surface (to the turns between them)
+        assert row["ascent"] == "normalized" and 0.099 <= row["max_delta_ratio"] <= 0.1 + 1e-6
+        assert row["mrc"] >= 0
+    assert all(r["ascent"] == "sgd" for r in sgd.values())
+    assert any(normalized[m]["mrc"] != sgd[m]["mrc"] for m in sgd)  # computed anew, not the sgd memo
