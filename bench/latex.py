@@ -16,7 +16,7 @@ _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": 
 _UNICODE = {"Δ": r"$\Delta$", "ε": r"$\varepsilon$", "α": r"$\alpha$", "γ": r"$\gamma$", "β": r"$\beta$",
             "±": r"$\pm$", "†": r"\dag{}", "‡": r"\ddag{}", "—": "---", "–": "--", "→": r"$\to$", "−": "$-$",
             "≥": r"$\geq$", "≤": r"$\leq$", "∞": r"$\infty$", "×": r"$\times$", "·": r"$\cdot$", "⚠": "(!)",
-            "✗": "(x)", "<": "$<$", ">": "$>$"}
+            "✗": "(x)", "<": "$<$", ">": "$>$", "‖": r"$\|$", "₀": r"$_0$"}
 _LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 
 
@@ -36,8 +36,10 @@ def table(frame: pd.DataFrame, caption: str, label: str) -> str:
     body = pd.DataFrame({i: frame.iloc[:, i].astype(str).map(text) for i in range(frame.shape[1])})
     body.columns = [text(c) for c in frame.columns]
     align = "".join("r" if _numeric(frame.iloc[:, i]) else "l" for i in range(frame.shape[1]))
-    return body.style.hide(axis="index").to_latex(hrules=True, caption=text(caption), label=label,
-                                                   position_float="centering", column_format=align)
+    out = body.style.hide(axis="index").to_latex(hrules=True, caption=text(caption), label=label,
+                                                  position_float="centering", column_format=align)
+    # a leaderboard's rows carry intervals, deltas and flags: small type keeps it inside a landscape page
+    return out.replace("\\centering\n", "\\centering\n\\small\n", 1)
 
 
 def _slug(title: str) -> str:

@@ -873,6 +873,27 @@ class ReportContext:
                 and all(c.params.get(k) == v for k, v in params.items())]
         return hits
 
+    def evaluated(self, cfg, label: str, protocol: str = "adaptive"):
+        """`cfg` if its runs have `label`, else the configuration that differs from it only in the number of
+        test images and has it (a sweep runs a costly attack on fewer images: AutoAttack on the first 500
+        beside PGD-10 on 2,000), else None. Its flags are its own images': pair it only with another
+        configuration `evaluated` on the same label."""
+        if cfg.flags(label, protocol):
+            return cfg
+
+        def shape(c) -> str:  # the identity but for the test images (`data` fingerprints them too)
+            ident = {k: v for k, v in c.runs[0].run["config"].items() if k not in ("seed", "data")}
+            ident["preset"] = {k: v for k, v in (ident.get("preset") or {}).items() if k != "n_test"}
+            return json.dumps(ident, sort_keys=True, default=str)
+
+        def same_training(a, b) -> bool:  # where recorded: runs stored before it hold the dataset's name alone
+            ta, tb = (harness_info(c.runs[0].run).get("train_data") for c in (a, b))
+            return ta is None or tb is None or ta == tb
+
+        want = shape(cfg)
+        return next((c for c in self.configs if c is not cfg and c.defense == cfg.defense and shape(c) == want
+                     and same_training(c, cfg) and c.flags(label, protocol)), None)
+
     def accuracy(self, cfg, label: str = "clean", protocol: str = "adaptive") -> tuple[str, float]:
         """(text with interval or mean +- std, mean as a fraction) of clean, an attack, or "worst:THREAT"."""
         text, mean, _ = accuracy_text(cfg.flags(label, protocol))

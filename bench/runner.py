@@ -550,6 +550,7 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         "batch_dependent": int(defended.batch_dependent), "randomized": int(defended.randomized),
         "has_surrogate": int(defended.surrogate is not None),
         "info": {**defended.info, RUN_INFO: {"forward_passes": defended.forward_passes,
+                                             "train_data": prep.data.train_fingerprint,
                                              **({"surrogates": dict(type(prep.defense).SURROGATES)}
                                                 if type(prep.defense).SURROGATES else {}),
                                              "cached_files": dict(sorted(ctx.cached_files.items())),

@@ -23,8 +23,9 @@ BN and conv MRCs are not on one scale (recorded in `info`).
 `mrc_ascent=normalized` is ours, not the papers': the code's SGD(lr=1) takes steps as long as the raw
 gradient, which is large for a conv weight feeding BN (scale-invariant, gradient ~ 1/||W||) and small for
 BN's [gamma; beta], so the BN ascents stop far inside their ball and BN MRCs come out low for want of
-reaching it. Normalized steps are a quarter of the ball's radius along the gradient's direction, projected
-each step, as L2 PGD does for inputs: every module's ascent reaches its surface whatever its scale.
+reaching it. Normalized steps are a quarter of the ball's radius (2.5 radii over the steps when fewer than 10
+run) along the gradient's direction, projected each step, as L2 PGD does for inputs: every module's ascent
+reaches its surface whatever its scale.
 """
 
 from __future__ import annotations
@@ -259,6 +260,7 @@ def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torc
             for q, o, d in zip(params, origin, deltas):
                 q.copy_(o + d * (radius / norm))
 
+    step = radius * max(0.25, 2.5 / (passes * math.ceil(len(x) / batch)))  # normalized: PGD's rule, 4 at least
     for _ in range(passes):
         order = torch.randperm(len(x), generator=gen).to(x.device)
         for start in range(0, len(x), batch):
@@ -275,7 +277,7 @@ def module_robust_criticality(ctx: Context, model: nn.Module, path: str, x: torc
                 grad_norm = math.sqrt(sum(float(q.grad.pow(2).sum()) for q in params))
                 if grad_norm > 0:
                     for q in params:
-                        q.sub_(q.grad * (radius / 4 / grad_norm))
+                        q.sub_(q.grad * (step / grad_norm))
             project()
         project()
         with torch.no_grad():

@@ -6,60 +6,85 @@ from __future__ import annotations
 from bench.api import bar_figure, density_figure, embed_figure, line_figure
 
 
+# The paper's table 1 (the RiFT-with-BN paper; CIFAR-10, ResNet-18, 110 epochs of PGD-AT): what ours is read against.
+PAPER = "base 81.45 / 53.75; RiFT k = 1: +1.69 / +0.16; RiFT with BN k = 3: +1.17 / +0.23 (clean / PGD-10)"
+
+
+def variant(rc, defense: str, k: int, selection: str = "val", ascent: str = "sgd"):
+    """The first configuration of `defense` at top-k `k` with that selection split and MRC ascent (runs stored
+    before `mrc_ascent` existed used the code's sgd), the one evaluated with PGD-10 where several differ only
+    in their test images."""
+    hits = [c for c in rc.find(defense, k=k) if not c.params.get("modules")
+            and c.params.get("selection", "val") == selection and c.params.get("mrc_ascent", "sgd") == ascent]
+    return next((c for c in hits if c.flags("pgd10")), hits[0] if hits else None)
+
+
 def report(rc) -> list[str]:
     """RiFT vs RiFT with BN for k = 1..5 against the PGD-AT base; MRC bars, alpha curves, BN-output KDE."""
     import pandas as pd
 
     bases = rc.find("pgd_at")
-    rift = {k: (rc.find("rift", k=k) or [None])[0] for k in range(1, 6)}
-    rift_bn = {k: (rc.find("rift_bn", k=k) or [None])[0] for k in range(1, 6)}
+    rift = {k: variant(rc, "rift", k) for k in range(1, 6)}
+    rift_bn = {k: variant(rc, "rift_bn", k) for k in range(1, 6)}
     if not any(rift.values()) and not any(rift_bn.values()):
         return []
-    base = bases[0] if bases else None
-    everyone = [c for c in [base, *rift.values(), *rift_bn.values()] if c is not None]
-    aa = next((lab for lab in ("autoattack", "autoattack_rand") if any(c.flags(lab) for c in everyone)), None)
+    base = next((c for c in bases if c.flags("pgd10")), bases[0] if bases else None)
+    # beside the paper's rows: RiFT selecting on the test split (the code), BN MRCs by normalized ascent (ours)
+    extra = [(f"{name}, {what}", k, cfg) for name, defense, what, kw in (
+        ("RiFT", "rift", "selection on test", dict(selection="test")),
+        ("RiFT with BN", "rift_bn", "selection on test", dict(selection="test")),
+        ("RiFT with BN", "rift_bn", "normalized MRC ascent (ours)", dict(ascent="normalized")))
+        for k in range(1, 6) if (cfg := variant(rc, defense, k, **kw)) is not None]
+    everyone = [c for c in [base, *rift.values(), *rift_bn.values(), *(c for _, _, c in extra)] if c is not None]
+    aa = next((lab for lab in ("autoattack", "autoattack_rand") if any(rc.evaluated(c, lab) for c in everyone)), None)
+    base_aa = rc.evaluated(base, aa) if aa and base is not None else None
+    aa_sizes = sorted({len(f) for c in everyone if aa and (e := rc.evaluated(c, aa)) for f in e.flags(aa).values()})
     columns = ["Method", "k", "Normal Acc", "Adv Acc (PGD-10)"] + (["AutoAttack"] if aa else [])
 
     def values(cfg):
         out = [rc.accuracy(cfg, "clean")[0], rc.accuracy(cfg, "pgd10")[0]]
-        return out + ([rc.accuracy(cfg, aa)[0]] if aa else [])
+        return out + ([rc.accuracy(e, aa)[0] if (e := rc.evaluated(cfg, aa)) else "—"] if aa else [])
 
     def deltas(cfg):
         out = [rc.delta(cfg, base, "clean"), rc.delta(cfg, base, "pgd10")]
-        return out + ([rc.delta(cfg, base, aa)] if aa else [])
+        if aa:
+            mine = rc.evaluated(cfg, aa)
+            out.append(rc.delta(mine, base_aa, aa) if mine and base_aa else "—")
+        return out
 
     rows = []
     if base is not None:
         rows.append(["Base (PGD-AT)", "—", *values(base)])
-    for k in range(1, 6):
-        for name, cfg in (("RiFT", rift[k]), ("RiFT with BN", rift_bn[k])):
-            if cfg is None:
-                continue
-            rows.append([name, str(k), *values(cfg)])
-            if base is not None:
-                rows.append([f"Δ {name}", str(k), *deltas(cfg)])
+    listed = [(name, k, cfg) for k in range(1, 6) for name, cfg in (("RiFT", rift[k]), ("RiFT with BN", rift_bn[k]))
+              if cfg is not None] + extra
+    for name, k, cfg in listed:
+        rows.append([name, str(k), *values(cfg)])
+        if base is not None:
+            rows.append([f"Δ {name}", str(k), *deltas(cfg)])
+    sizes = sorted({len(f) for c in everyone for f in c.flags("pgd10").values()})
     lines = ["## RiFT top-k (the RiFT-with-BN paper's table 1 format)", "",
              "Normal and PGD-10 accuracy in % on the test set (95% Wilson interval); Δ rows in points against "
              "the PGD-AT base with the exact McNemar p-value (ns: inside the noise), paired on the seeds both rows "
-             "have (a base with several seeds shows mean ± std over all of them). The paper's base: "
-             "81.45 / 53.75 (CIFAR-10, ResNet-18, full data).", "",
+             "have (a base with several seeds shows mean ± std over all of them). "
+             + (f"PGD-10 on the first {', '.join(map(str, sizes))} test images"
+                + (f", AutoAttack on the first {', '.join(map(str, aa_sizes))}" if aa_sizes else "") + ". "
+                if sizes else "")
+             + f"The paper (CIFAR-10, ResNet-18, 110 epochs): {PAPER}.", "",
              pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True), ""]
 
     detail = []
-    for name, table in (("RiFT", rift), ("RiFT with BN", rift_bn)):
-        for k, cfg in table.items():
-            if cfg is None:
-                continue
-            info = cfg.runs[0].run["info"]
-            chosen = next(r for r in info["alpha_curve"] if r["alpha"] == info["alpha"])
-            detail.append([name, str(k), ", ".join(info["chosen"]), f"{info['alpha']:.1f}",
-                           f"{100 * chosen['clean']:.1f} / {100 * chosen['robust']:.1f}",
-                           f"{100 * info['base_selection']['robust']:.1f}", info["selection"]])
+    for name, k, cfg in listed:
+        info = cfg.runs[0].run["info"]
+        chosen = next(r for r in info["alpha_curve"] if r["alpha"] == info["alpha"])
+        detail.append([name, str(k), ", ".join(info["chosen"]), f"{info['alpha']:.1f}",
+                       f"{100 * chosen['clean']:.1f} / {100 * chosen['robust']:.1f}",
+                       f"{100 * info['base_selection']['robust']:.1f}", info["selection"]])
     if detail:
         lines += ["Chosen modules (lowest MRC first), the interpolation weight α and the selection-split "
                   "clean / PGD-10 accuracy at that α against the base's robust accuracy there:", "",
                   pd.DataFrame(detail, columns=["Method", "k", "Fine-tuned modules", "α", "Selection clean / robust",
                                                 "Base robust", "Split"]).to_markdown(index=False, disable_numparse=True), ""]
+    lines += mrc_ranking(rc, [(a, variant(rc, "rift_bn", 1, ascent=a)) for a in ("sgd", "normalized")])
 
     source = rift_bn[1] or next((c for c in rift_bn.values() if c), None) or rift[1]
     if source is not None:
@@ -138,3 +163,46 @@ def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
                  + "; ".join(why) + ". The paper's figure 3 compares these distributions to show what fine-tuning "
                  "changed; here it changed nothing measurable at this layer.*")
     return text
+
+
+def mrc_ranking(rc, tables: list) -> list[str]:
+    """Where the BN criticalities fall among the Conv/Linear ones, and whether each ascent reached its ball,
+    for each MRC ascent that ran (RiFT with BN, k = 1): a low BN MRC from an ascent stopped inside its ball
+    says little about the layer."""
+    import statistics
+
+    import pandas as pd
+
+    rows, notes = [], []
+    for ascent, cfg in tables:
+        if cfg is None:
+            continue
+        cands = cfg.runs[0].run["info"]["candidates"]  # lowest MRC first
+        eps = float(cfg.params.get("mrc_eps", 0.1))
+        for is_bn, label in ((True, "BN"), (False, "Conv/Linear")):
+            mine = [(rank, r) for rank, r in enumerate(cands, 1) if (r["kind"] == "bn") == is_bn]
+            if not mine:
+                continue
+            mrcs = [r["mrc"] for _, r in mine]
+            ratios = [r["max_delta_ratio"] for _, r in mine]
+            rows.append([ascent, label, str(len(mine)),
+                         f"{min(mrcs):.3g} / {statistics.median(mrcs):.3g} / {max(mrcs):.3g}",
+                         f"{min(ratios):.3f} – {max(ratios):.3f}",
+                         f"{sum(x >= 0.99 * eps for x in ratios)} of {len(mine)}", str(mine[0][0])])
+        bn = [r["mrc"] for r in cands if r["kind"] == "bn"]
+        conv = [r["mrc"] for r in cands if r["kind"] != "bn"]
+        if bn and conv:
+            notes.append(f"- {ascent}: {sum(b < min(conv) for b in bn)} of {len(bn)} BN MRCs lie below every "
+                         f"Conv/Linear MRC; the five lowest: "
+                         + ", ".join(f"{r['module']} ({'BN' if r['kind'] == 'bn' else 'conv'})" for r in cands[:5]))
+    if not rows:
+        return []
+    return ["### MRC ranking: BN against Conv/Linear", "",
+            "RiFT with BN, k = 1: each kind's MRCs (min / median / max), how far its ascents moved the weights "
+            "(max ‖Δ‖/‖W₀‖; the ball's radius is mrc_eps), how many reached the ball (≥ 0.99 of the radius), "
+            "and the rank of its lowest module among all candidates. `sgd` is the code's ascent; `normalized` "
+            "(ours, not the papers') steps a quarter of the radius along the gradient so every module can reach "
+            "its ball.", "",
+            pd.DataFrame(rows, columns=["MRC ascent", "Kind", "Modules", "MRC min / median / max",
+                                        "‖Δ‖/‖W₀‖", "Reached the ball", "Lowest rank"]
+                         ).to_markdown(index=False, disable_numparse=True), "", *notes, ""]

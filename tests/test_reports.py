@@ -27,6 +27,21 @@ defense = "rift_bn"
 grid = {{ k = [1, 2] }}
 
 [[cells]]
+defense = "rift_bn"
+params = {{ mrc_ascent = "normalized" }}
+
+[[cells]]
+defense = "pgd_at"
+attacks = ["autoattack"]
+set = {{ epochs_pgd_at = 4, n_test = 32 }}
+
+[[cells]]
+defense = "rift"
+params = {{ k = 1 }}
+attacks = ["autoattack"]
+set = {{ epochs_pgd_at = 4, n_test = 32 }}
+
+[[cells]]
 defense = "ft_bn"
 
 [[cells]]
@@ -79,7 +94,7 @@ def test_sweep_expands_the_grid_and_stores_every_run(swept):
     _, out = swept
     runs = Store(out, create=False).runs()
     defenses = sorted(r["defense"] for r in runs)
-    assert defenses.count("rift") == 2 and defenses.count("rift_bn") == 2 and defenses.count("norm_shaping") == 4
+    assert defenses.count("rift") == 3 and defenses.count("rift_bn") == 3 and defenses.count("norm_shaping") == 4
     assert {r["params"]["k"] for r in runs if r["defense"] == "rift_bn"} == {1, 2}
     ns = [r for r in runs if r["defense"] == "norm_shaping"]
     cells = Store(out, create=False).cells(ns[0]["run_id"])
@@ -138,6 +153,26 @@ def test_rift_topk_table_has_base_rift_and_deltas(board):
             assert any(r.split("|")[1].strip() == name and r.split("|")[2].strip() == k for r in rows), (name, k)
     delta = next(r for r in rows if r.split("|")[1].strip() == "Δ RiFT")
     assert "(" in delta.split("|")[3]  # a p-value or 'identical'/'ns' with the delta
+    # AutoAttack ran on the first 32 images in runs of their own: read from them, paired with the base's
+    assert "AutoAttack on the first 32" in section
+    table = section.split("Chosen modules", 1)[0].splitlines()
+    cells = {(r.split("|")[1].strip(), r.split("|")[2].strip()): [c.strip() for c in r.split("|")[3:-1]]
+             for r in table if r.startswith("| ")}
+    assert cells[("Base (PGD-AT)", "—")][2] != "—" and "(" in cells[("Δ RiFT", "1")][2]
+    assert cells[("RiFT", "2")][2] == "—"  # no AutoAttack run for k = 2: nothing borrowed from another k
+    assert ("Δ RiFT with BN, normalized MRC ascent (ours)", "1") in cells
+
+
+def test_mrc_ranking_says_which_ascents_reached_their_ball(board):
+    _, text = board
+    section = text.split("### MRC ranking", 1)[1].split("\n#", 1)[0]
+    rows = {tuple(c.strip() for c in r.split("|")[1:3]): [c.strip() for c in r.split("|")[3:-1]]
+            for r in section.splitlines() if r.startswith("| ") and "---" not in r}
+    assert set(rows) >= {("sgd", "BN"), ("sgd", "Conv/Linear"), ("normalized", "BN"), ("normalized", "Conv/Linear")}
+    for kind in ("BN", "Conv/Linear"):
+        modules, reached = rows[("normalized", kind)][0], rows[("normalized", kind)][3]
+        assert reached == f"{modules} of {modules}"
+    assert "BN MRCs lie below every Conv/Linear MRC" in section
 
 
 def test_norm_shaping_grid_and_adaptive_table(board):
@@ -215,7 +250,7 @@ def test_csv_and_json_hold_numbers(board):
     assert {"defense", "params", "config", "run_id", "seed", "cell", "protocol", "threat", "eps", "n", "correct",
             "accuracy", "ci_low", "ci_high", "status", "incomplete"} <= set(frame.columns)
     assert frame["accuracy"].dtype.kind == "f" and frame["n"].dtype.kind == "i" and frame["eps"].dtype.kind == "f"
-    pgd = frame[frame["defense"] == "pgd_at"].set_index(["cell", "protocol"])
+    pgd = frame[(frame["defense"] == "pgd_at") & (frame["n"] == 128)].set_index(["cell", "protocol"])
     assert {("clean", "adaptive"), ("pgd10", "adaptive"), ("fgsm", "adaptive"), ("pgd10[eps=0.05]", "adaptive"),
             ("worst:Linf eps=0.1", "adaptive"), ("worst:Linf eps=0.05", "adaptive")} <= set(pgd.index)
     row = pgd.loc[("pgd10", "adaptive")]
@@ -230,7 +265,9 @@ def test_csv_and_json_hold_numbers(board):
     assert len(exported["cells"]) == len(frame)
     cell = next(c for c in exported["cells"] if c["defense"] == "pgd_at" and c["cell"] == "pgd10")
     assert isinstance(cell["accuracy"], float) and isinstance(cell["n"], int) and isinstance(cell["params"], dict)
-    pgd = next(m for m in exported["models"] if m["name"] == "pgd_at")
+    pgd, pgd_aa = sorted((m for m in exported["models"] if m["name"] == "pgd_at"),
+                         key=lambda m: m["autoattack_acc"] is not None)  # AutoAttack ran in a run of its own
+    assert isinstance(pgd_aa["autoattack_acc"], float)
     assert isinstance(pgd["clean_acc"], float) and pgd["architecture"] == "tiny_cnn"
     assert (pgd["threat_model"], pgd["eps"], pgd["number_forward_passes"]) == ("Linf", "0.1", 1)  # RobustBench's forms
     shaping = [m for m in exported["models"] if m["name"] == "norm_shaping"]
