@@ -265,8 +265,8 @@ def test_csv_and_json_hold_numbers(board):
     assert len(exported["cells"]) == len(frame)
     cell = next(c for c in exported["cells"] if c["defense"] == "pgd_at" and c["cell"] == "pgd10")
     assert isinstance(cell["accuracy"], float) and isinstance(cell["n"], int) and isinstance(cell["params"], dict)
-    pgd, pgd_aa = sorted((m for m in exported["models"] if m["name"] == "pgd_at"),
-                         key=lambda m: m["autoattack_acc"] is not None)  # AutoAttack ran in a run of its own
+    pgd, pgd_aa = (next(m for m in exported["models"] if m["name"] == "pgd_at" and m["eps"] == "0.1" and m["n"] == n)
+                   for n in (128, 32))  # AutoAttack ran on 32 images in a run of its own
     assert isinstance(pgd_aa["autoattack_acc"], float)
     assert isinstance(pgd["clean_acc"], float) and pgd["architecture"] == "tiny_cnn"
     assert (pgd["threat_model"], pgd["eps"], pgd["number_forward_passes"]) == ("Linf", "0.1", 1)  # RobustBench's forms
