@@ -69,7 +69,9 @@ def test_meta_is_kept_by_a_resumed_run_and_updated_without_a_new_run(l1_l2_run, 
     (after,) = Store(l1_l2_run).runs()
     assert after["run_id"] == before["run_id"]  # --meta is not part of the run's identity
     assert after["info"]["bench"]["cached_files"] == before["info"]["bench"]["cached_files"]
-    assert {k: v for k, v in after["info"]["bench"].items() if k != "cached_files"} == {"forward_passes": 1, "meta": {
+    assert after["info"]["bench"]["train_data"] == before["info"]["bench"]["train_data"] != ""
+    assert {k: v for k, v in after["info"]["bench"].items() if k not in ("cached_files", "train_data")} == {
+        "forward_passes": 1, "meta": {
         "link": "https://example.org/paper", "authors": "A. One, B. Two", "reported:L2": "70.1",
         "venue": "ICML 2099"}}
 
