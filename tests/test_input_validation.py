@@ -211,11 +211,11 @@ def test_sigint_during_training_says_how_to_resume(tmp_path):
 
     from conftest import REPO
 
-    # a training long enough that the signal lands in it even when this process reads the log late (a busy
-    # machine): smoke's own 10 epochs can end, and the run with them, before the line is read
+    # Ctrl-C's default disposition in the child: a suite started as a background job inherits SIGINT ignored,
+    # and Python then never raises KeyboardInterrupt (the run would finish, exit 0)
     proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", "--preset", "smoke", "--defense", "standard",
-                             "--set", "epochs_standard=2000", "--out", str(tmp_path / "r")],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                             "--out", str(tmp_path / "r")], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:
             if "base standard: training" in line:
