@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bench import latex, registry, webpage
-from bench.config import META_FIELDS, default_surrogate, harness_info
+from bench.config import META_FIELDS, default_surrogate, harness_info, training_scope
 from bench.contract import ADAPTIVE, PAPER, surrogate_of
 from bench.errors import BenchError, os_reason, require_safe_name
 from bench.models import file_label
@@ -881,18 +881,15 @@ class ReportContext:
         if cfg.flags(label, protocol):
             return cfg
 
-        def shape(c) -> str:  # the identity but for the test images (`data` fingerprints them too)
-            ident = {k: v for k, v in c.runs[0].run["config"].items() if k not in ("seed", "data")}
-            ident["preset"] = {k: v for k, v in (ident.get("preset") or {}).items() if k != "n_test"}
-            return json.dumps(ident, sort_keys=True, default=str)
-
-        def same_training(a, b) -> bool:  # where recorded: runs stored before it hold the dataset's name alone
-            ta, tb = (harness_info(c.runs[0].run).get("train_data") for c in (a, b))
-            return ta is None or tb is None or ta == tb
+        def shape(c) -> str:  # what the defended model depends on (training_scope: not the test images)
+            run = c.runs[0].run
+            ident = {k: v for k, v in run["config"].items() if k != "seed"}
+            scope = training_scope(ident, harness_info(run).get("train_data"))
+            return json.dumps([ident.get("defense"), ident.get("params"), scope], sort_keys=True, default=str)
 
         want = shape(cfg)
         return next((c for c in self.configs if c is not cfg and c.defense == cfg.defense and shape(c) == want
-                     and same_training(c, cfg) and c.flags(label, protocol)), None)
+                     and c.flags(label, protocol)), None)
 
     def accuracy(self, cfg, label: str = "clean", protocol: str = "adaptive") -> tuple[str, float]:
         """(text with interval or mean +- std, mean as a fraction) of clean, an attack, or "worst:THREAT"."""
