@@ -38,8 +38,24 @@ def table(frame: pd.DataFrame, caption: str, label: str) -> str:
     align = "".join("r" if _numeric(frame.iloc[:, i]) else "l" for i in range(frame.shape[1]))
     out = body.style.hide(axis="index").to_latex(hrules=True, caption=text(caption), label=label,
                                                   position_float="centering", column_format=align)
-    # a leaderboard's rows carry intervals, deltas and flags: small type keeps it inside a landscape page
-    return out.replace("\\centering\n", "\\centering\n\\small\n", 1)
+    # a leaderboard's rows carry intervals, deltas and flags: small type keeps it inside a landscape page, and
+    # smaller where its widest cells would not fit there
+    return out.replace("\\centering\n", f"\\centering\n\\{type_size(frame)}\n", 1)
+
+
+# Computer Modern digits are half an em wide; \tabcolsep puts 6 pt each side of a column; a landscape page
+# with 1 cm margins leaves about 730 pt of text width.
+_SIZES = (("small", 9.0), ("footnotesize", 8.0), ("scriptsize", 7.0))
+_TEXT_WIDTH_PT = 730.0
+
+
+def type_size(frame: pd.DataFrame) -> str:
+    """The largest of \\small, \\footnotesize, \\scriptsize at which `frame`'s widest cells fit the page."""
+    chars = sum(max([len(str(c))] + [len(str(v)) for v in frame.iloc[:, i]]) for i, c in enumerate(frame.columns))
+    for name, points in _SIZES:
+        if chars * points / 2 + 12 * frame.shape[1] <= _TEXT_WIDTH_PT:
+            return name
+    return _SIZES[-1][0]
 
 
 def _slug(title: str) -> str:

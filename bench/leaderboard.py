@@ -146,16 +146,21 @@ def accuracy_text(per_seed: dict[int, np.ndarray]) -> tuple[str, float, tuple[fl
 
 
 def delta_text(mine: dict[int, np.ndarray], base: dict[int, np.ndarray]) -> str:
-    """Δ in points with the exact McNemar p-value on the paired samples of the seeds both have."""
-    if not set(mine) & set(base):
+    """Δ in points with the exact McNemar p-value on the paired samples of the seeds both have; with several
+    such seeds, each seed's own Δ after it, so the seed-to-seed spread shows beside the pooled test."""
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
         return "—"
     test = paired(mine, base)
     if test is None:
         return "— (other samples)"
     if test.a_only == test.b_only == 0:
         return f"{100 * test.delta:+.1f} (identical)"
+    spread = ""
+    if len(seeds) > 1:
+        spread = "; seeds " + ", ".join(f"{100 * (mine[s].mean() - base[s].mean()):+.1f}" for s in seeds)
     mark = f"p={test.p_value:.2g}" if test.significant else f"ns, p={test.p_value:.2f}"
-    return f"{100 * test.delta:+.1f} ({mark})"
+    return f"{100 * test.delta:+.1f} ({mark}{spread})"
 
 
 def threat_text(threat: str) -> str:
@@ -759,7 +764,7 @@ def reading_guide(main: Table) -> list[str]:
         "",
         f"- {RANK_RULE}",
         f"- Δ in points against `{BASE_DEFENSE}` with an exact McNemar test on the same samples (ns: inside "
-        "the noise, p ≥ 0.05).",
+        "the noise, p ≥ 0.05), pooled over the seeds both rows have; with several, each seed's own Δ follows.",
         "- † marks a worst case over fewer attacks than other rows ran, which overstates it against them; ‡ marks "
         "a row whose run lacks cells it was asked for (killed before they finished, or failed). Flags says which, "
         "and names the sanity checks that warned or failed ([Sanity checks](#sanity-checks)).",

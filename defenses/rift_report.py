@@ -73,17 +73,22 @@ def report(rc) -> list[str]:
              pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True), ""]
 
     detail = []
+    seeded = any(len(cfg.runs) > 1 for _, _, cfg in listed)  # each seed chose its own modules and α
     for name, k, cfg in listed:
-        info = cfg.runs[0].run["info"]
-        chosen = next(r for r in info["alpha_curve"] if r["alpha"] == info["alpha"])
-        detail.append([name, str(k), ", ".join(info["chosen"]), f"{info['alpha']:.1f}",
-                       f"{100 * chosen['clean']:.1f} / {100 * chosen['robust']:.1f}",
-                       f"{100 * info['base_selection']['robust']:.1f}", info["selection"]])
+        for run in cfg.runs:
+            info = run.run["info"]
+            chosen = next(r for r in info["alpha_curve"] if r["alpha"] == info["alpha"])
+            detail.append([name, str(k)] + ([str(run.run["seed"])] if seeded else [])
+                          + [", ".join(info["chosen"]), f"{info['alpha']:.1f}",
+                             f"{100 * chosen['clean']:.1f} / {100 * chosen['robust']:.1f}",
+                             f"{100 * info['base_selection']['robust']:.1f}", info["selection"]])
     if detail:
         lines += ["Chosen modules (lowest MRC first), the interpolation weight α and the selection-split "
-                  "clean / PGD-10 accuracy at that α against the base's robust accuracy there:", "",
-                  pd.DataFrame(detail, columns=["Method", "k", "Fine-tuned modules", "α", "Selection clean / robust",
-                                                "Base robust", "Split"]).to_markdown(index=False, disable_numparse=True), ""]
+                  "clean / PGD-10 accuracy at that α against the base's robust accuracy there"
+                  + (", per seed" if seeded else "") + ":", "",
+                  pd.DataFrame(detail, columns=["Method", "k"] + (["Seed"] if seeded else [])
+                               + ["Fine-tuned modules", "α", "Selection clean / robust", "Base robust", "Split"]
+                               ).to_markdown(index=False, disable_numparse=True), ""]
     lines += mrc_ranking(rc, [(a, variant(rc, "rift_bn", 1, ascent=a)) for a in ("sgd", "normalized")])
 
     source = rift_bn[1] or next((c for c in rift_bn.values() if c), None) or rift[1]

@@ -41,6 +41,16 @@ params = {{ k = 1 }}
 attacks = ["autoattack"]
 set = {{ epochs_pgd_at = 4, n_test = 32 }}
 
+# a second seed of the base and of RiFT k = 1, as the full-data sweep runs
+[[cells]]
+defense = "pgd_at"
+seeds = [1]
+
+[[cells]]
+defense = "rift"
+params = {{ k = 1 }}
+seeds = [1]
+
 [[cells]]
 defense = "ft_bn"
 
@@ -94,7 +104,7 @@ def test_sweep_expands_the_grid_and_stores_every_run(swept):
     _, out = swept
     runs = Store(out, create=False).runs()
     defenses = sorted(r["defense"] for r in runs)
-    assert defenses.count("rift") == 3 and defenses.count("rift_bn") == 3 and defenses.count("norm_shaping") == 4
+    assert defenses.count("rift") == 4 and defenses.count("rift_bn") == 3 and defenses.count("norm_shaping") == 4
     assert {r["params"]["k"] for r in runs if r["defense"] == "rift_bn"} == {1, 2}
     ns = [r for r in runs if r["defense"] == "norm_shaping"]
     cells = Store(out, create=False).cells(ns[0]["run_id"])
@@ -161,6 +171,12 @@ def test_rift_topk_table_has_base_rift_and_deltas(board):
     assert cells[("Base (PGD-AT)", "—")][2] != "—" and "(" in cells[("Δ RiFT", "1")][2]
     assert cells[("RiFT", "2")][2] == "—"  # no AutoAttack run for k = 2: nothing borrowed from another k
     assert ("Δ RiFT with BN, normalized MRC ascent (ours)", "1") in cells
+    # two seeds of the base and of RiFT k = 1: mean ± std, the pooled test and each seed's own Δ
+    assert "±" in cells[("Base (PGD-AT)", "—")][0] and "±" in cells[("RiFT", "1")][0]
+    assert "; seeds " in cells[("Δ RiFT", "1")][0] and "; seeds " not in cells[("Δ RiFT", "2")][0]
+    chosen = section.split("Chosen modules", 1)[1].split("\n\n", 2)[1].splitlines()
+    seeds = [(r.split("|")[1].strip(), r.split("|")[2].strip(), r.split("|")[3].strip()) for r in chosen[2:]]
+    assert ("RiFT", "1", "0") in seeds and ("RiFT", "1", "1") in seeds  # each seed's own modules and α
 
 
 def test_mrc_ranking_says_which_ascents_reached_their_ball(board):
@@ -250,7 +266,7 @@ def test_csv_and_json_hold_numbers(board):
     assert {"defense", "params", "config", "run_id", "seed", "cell", "protocol", "threat", "eps", "n", "correct",
             "accuracy", "ci_low", "ci_high", "status", "incomplete"} <= set(frame.columns)
     assert frame["accuracy"].dtype.kind == "f" and frame["n"].dtype.kind == "i" and frame["eps"].dtype.kind == "f"
-    pgd = frame[(frame["defense"] == "pgd_at") & (frame["n"] == 128)].set_index(["cell", "protocol"])
+    pgd = frame[(frame["defense"] == "pgd_at") & (frame["n"] == 128) & (frame["seed"] == 0)].set_index(["cell", "protocol"])
     assert {("clean", "adaptive"), ("pgd10", "adaptive"), ("fgsm", "adaptive"), ("pgd10[eps=0.05]", "adaptive"),
             ("worst:Linf eps=0.1", "adaptive"), ("worst:Linf eps=0.05", "adaptive")} <= set(pgd.index)
     row = pgd.loc[("pgd10", "adaptive")]

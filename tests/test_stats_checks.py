@@ -48,6 +48,19 @@ def test_mean_std():
     assert mean_std([0.4, 0.6]) == pytest.approx((0.5, np.std([0.4, 0.6], ddof=1)))
 
 
+def test_delta_over_several_seeds_pools_the_test_and_shows_each_seed():
+    from bench.leaderboard import delta_text
+
+    base = {0: np.array([1] * 50 + [0] * 50, bool), 1: np.array([1] * 60 + [0] * 40, bool)}
+    mine = {0: np.array([1] * 58 + [0] * 42, bool), 1: np.array([1] * 59 + [0] * 41, bool)}
+    pooled = mcnemar(np.concatenate([base[0], base[1]]), np.concatenate([mine[0], mine[1]]))
+    text = delta_text(mine, base)
+    assert text.startswith(f"{100 * pooled.delta:+.1f} (")
+    assert text.endswith("; seeds +8.0, -1.0)")  # one seed's gain and the other's loss, not only their mean
+    assert delta_text({0: mine[0]}, base) == "+8.0 (p=0.0078)"  # one common seed: no per-seed list
+    assert delta_text(base, base) == "+0.0 (identical)"
+
+
 # ---------------------------------------------------------------------------------------- model probes
 
 
