@@ -141,6 +141,10 @@ def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
     from scipy.stats import ks_2samp
 
     base = samples.get("PGD-AT base")
+    # The network order of modules, from a run that ranked `layer` itself: a conv-only RiFT run's candidate
+    # list lacks the BN layers, so its own order cannot place the layer.
+    orders = [{r["module"]: r["order"] for r in run["info"]["candidates"]} for run in runs.values() if run]
+    order = next((o for o in orders if layer in o), {})
     parts, why, differ = [], [], False
     for name, run in runs.items():
         if run is None or name not in samples or base is None:
@@ -149,19 +153,24 @@ def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
         test = ks_2samp(base, samples[name])
         differ |= test.pvalue < 0.05
         parts.append(f"{name} {test.statistic:.3f} (p={test.pvalue:.2g})")
-        order = {r["module"]: r["order"] for r in info["candidates"]}
         chosen = info["chosen"]
+        mix = f"α = {info['alpha']:.1f} of the fine-tuned ones and {1 - info['alpha']:.1f} of the base's"
+        placed = [order[m] for m in chosen if m in order]
         if layer in chosen:
+            # the run's own fine-tuning (its params override the preset's ft_epochs / ft_lr)
             preset = (run.get("config") or {}).get("preset", {})
+            epochs = len((info.get("finetune") or {}).get("history") or []) or preset.get("ft_epochs", "?")
+            lr = (run.get("params") or {}).get("lr", preset.get("ft_lr", "?"))
             why.append(f"{name} fine-tuned this layer, but its γ, β are α = {info['alpha']:.1f} of the fine-tuned "
-                       f"values and {1 - info['alpha']:.1f} of the base's after {preset.get('ft_epochs', '?')} epochs "
-                       f"at learning rate {preset.get('ft_lr', '?')}: too small a change to move its outputs")
-        elif all(order.get(m, -1) > order.get(layer, 0) for m in chosen):
+                       f"values and {1 - info['alpha']:.1f} of the base's after {epochs} epochs at learning rate "
+                       f"{lr}: too small a change to move its outputs")
+        elif chosen and len(placed) == len(chosen) and min(placed) > order[layer]:
             why.append(f"{name} fine-tuned only modules after this layer ({', '.join(chosen)}), so up to it the "
                        f"model is the base and its outputs differ only through its own PGD-10 examples")
+        elif chosen and len(placed) == len(chosen) and max(placed) < order[layer]:
+            why.append(f"{name} fine-tuned {', '.join(chosen)}, before this layer, and its weights are {mix}")
         else:
-            why.append(f"{name} fine-tuned {', '.join(chosen)}, before this layer, and its weights are α = "
-                       f"{info['alpha']:.1f} of the fine-tuned ones and {1 - info['alpha']:.1f} of the base's")
+            why.append(f"{name} fine-tuned {', '.join(chosen)}, and its weights are {mix}")
     text = f"*Two-sample Kolmogorov-Smirnov distance to the base's outputs: {'; '.join(parts)}.*"
     if parts and not differ:
         text += (f" *The curves coincide (no distance is significant at n = {len(base)}): "

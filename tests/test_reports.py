@@ -229,6 +229,31 @@ def test_figures_exist_are_png_and_embedded(board):
     assert caption.startswith("*Two-sample Kolmogorov-Smirnov distance to the base's outputs: RiFT ")
 
 
+def test_kde_caption_places_each_models_modules_in_network_order():
+    """A conv-only RiFT run never ranked the BN layer the figure shows: its chosen conv is placed by the
+    network order of the run that did, and fine-tuning figures come from the run, not the preset."""
+    from defenses.rift_report import kde_caption
+
+    net = ["conv1", "bn1", "layer1.0.conv1", "layer1.0.bn1", "layer1.1.conv2", "layer1.2.bn2", "linear"]
+    everything = [{"module": m, "order": i} for i, m in enumerate(net)]
+    convs = [{"module": m, "order": i} for i, m in enumerate(m for m in net if "bn" not in m)]
+
+    def run(candidates, chosen, alpha, epochs):
+        return {"params": {"epochs": epochs}, "config": {"preset": {"ft_epochs": 2, "ft_lr": 0.001}},
+                "info": {"candidates": candidates, "chosen": chosen, "alpha": alpha,
+                         "finetune": {"history": [{}] * epochs}}}
+
+    samples = {"PGD-AT base": [0.1 * i for i in range(50)], "RiFT": [0.1 * i for i in range(50)],
+               "RiFT with BN": [0.1 * i for i in range(50)]}
+    before = kde_caption("layer1.2.bn2", samples, {"RiFT": run(convs, ["layer1.1.conv2"], 0.3, 10),
+                                                   "RiFT with BN": run(everything, ["layer1.2.bn2"], 1.0, 10)})
+    assert "RiFT fine-tuned layer1.1.conv2, before this layer" in before and "after this layer" not in before
+    assert "after 10 epochs at learning rate 0.001" in before
+    after = kde_caption("layer1.0.bn1", samples, {"RiFT": run(convs, ["layer1.1.conv2"], 0.3, 10),
+                                                  "RiFT with BN": run(everything, ["linear"], 1.0, 10)})
+    assert "RiFT fine-tuned only modules after this layer (layer1.1.conv2)" in after
+
+
 def test_figures_split_many_series_and_name_every_mark(tmp_path, monkeypatch):
     """At most eight series per axes, each with its own colour and marker, and a legend entry for every
     series and every mark."""
