@@ -58,7 +58,8 @@ def report(rc) -> list[str]:
 
     grids = [("Clean accuracy", accuracy("clean", ADAPTIVE))]
     if threat:
-        grids.append(("Robust accuracy, adaptive attacks (worst case)", accuracy(f"worst:{threat}", ADAPTIVE)))
+        grids.append(("Robust accuracy, worst case over adaptive and surrogate attacks",
+                      accuracy(f"worst:{threat}", ADAPTIVE)))
         for protocol in papers:
             name = _surrogate(rc, protocol, shaped)
             grids.append((f"PGD-10 accuracy, non-adaptive: attacks on the {name} surrogate",

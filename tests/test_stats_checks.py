@@ -244,6 +244,40 @@ def test_protocol_gap_marks_the_paper_number_overestimated_naming_each_surrogate
     assert checks.protocol_gap(adaptive, {"paper:x": {"fgsm": paper["pgd10"]}}, has_surrogate=True).status == "skip"
 
 
+
+def test_protocol_gap_warns_when_a_transfer_beats_the_adaptive_attack():
+    adaptive = {"pgd10": _cell("pgd10", np.arange(1000) < 200)}
+    stronger = {"pgd10": _cell("pgd10", np.arange(1000) < 170)}  # 3 pt below, p < 0.05
+    result = checks.protocol_gap(adaptive, {"paper": stronger}, has_surrogate=True, default_surrogate="eval")
+    assert result.status == "warn" and result.flag == "⚠ adaptive attack weaker than its transfer from eval (−3 pt)"
+    over = {"pgd10": _cell("pgd10", np.arange(1000) < 600)}
+    both = checks.protocol_gap(adaptive, {"paper": stronger, "paper:init_stats": over}, has_surrogate=True,
+                               default_surrogate="eval")
+    assert both.flag == ("⚠ paper protocol overestimates (init_stats +40 pt); adaptive attack weaker than its "
+                         "transfer from eval (−3 pt)")
+
+
+def test_a_defense_worst_case_counts_what_its_surrogate_attacks_fooled():
+    """Paper-protocol images are scored on the defense: a sample they fool is not robust, so the adaptive
+    (the defense's) worst case spans every protocol, while a paper protocol's worst case stays its own."""
+    from bench.leaderboard import Config, Run, main_table
+
+    clean = np.ones(6, bool)
+    cells = {("pgd10", "adaptive"): {"protocol": "adaptive", "threat": "Linf eps=0.1",
+                                     "flags": np.array([1, 1, 1, 1, 0, 0], bool)},
+             ("pgd10", "paper"): {"protocol": "paper", "threat": "Linf eps=0.1",
+                                  "flags": np.array([0, 1, 1, 1, 1, 0], bool)}}
+    run = {"run_id": "shaped0000", "seed": 0, "batch_dependent": 1, "info": {}, "config": {}}
+    missing = [{"attack": "fgsm", "protocol": "paper", "threat": "Linf eps=0.1", "error": None}]
+    cfg = Config("norm_shaping", {}, [Run(run, clean, cells, [], missing)])
+    assert cfg.flags("worst:Linf eps=0.1")[0].tolist() == [0, 1, 1, 1, 0, 0]
+    assert cfg.flags("worst:Linf eps=0.1", "paper")[0].tolist() == [0, 1, 1, 1, 1, 0]
+    row = main_table([cfg]).frame.iloc[0]
+    worst = next(v for k, v in row.items() if str(k).startswith("Worst"))
+    # 3 of 6, and a missing paper cell leaves the defense's worst case incomplete
+    assert worst.startswith("50.0 [") and "‡" in worst
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
