@@ -274,17 +274,17 @@ def protocol_gap(adaptive: dict[str, dict], papers: dict[str, dict[str, dict]], 
     # The reverse gap: an attack crafted on a surrogate fools more than the same attack differentiating the
     # whole defense, so the adaptive gradients are the weaker ones (as a black-box attack beating a white-box
     # one, check 4). The adaptive worst case counts both attacks' failures (bench.leaderboard).
-    flags = []
+    flags, what = [], []
     if over:
         flags.append("paper protocol overestimates (" + ", ".join(f"{w} +{100 * g:.0f} pt" for w, g in over.items())
                      + ")")
+        what.append("paper protocol overestimated")
     if under:
         flags.append("adaptive attack weaker than its transfer from " + ", ".join(
             f"{w} (−{100 * g:.0f} pt)" for w, g in under.items()))
+        what.append("adaptive attack weaker than a transfer")
     if flags:
-        what = "; ".join(f for f in ("paper protocol overestimated" if over else "",
-                                     "adaptive attack weaker than a transfer" if under else "") if f)
-        return CheckResult("protocol_gap", "warn", f"{what}: " + "; ".join(notes), "⚠ " + "; ".join(flags))
+        return CheckResult("protocol_gap", "warn", "; ".join(what) + ": " + "; ".join(notes), "⚠ " + "; ".join(flags))
     return CheckResult("protocol_gap", "pass", "; ".join(notes))
 
 
