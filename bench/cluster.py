@@ -275,8 +275,10 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
         store.close()
 
     env = {k: os.environ[k] for k in ("BENCH_DATA_DIR",) if k in os.environ}
-    started_here = address is None  # Ray on this machine only, for this sweep: no dashboard to pay for
-    ray.init(address=address, log_to_driver=False, configure_logging=False,
+    # Ray on this machine only, for this sweep: no dashboard to pay for, and "local" so that Ray does not join
+    # the cluster recorded in its current-cluster file (another program's, or a dead one's: it would hang)
+    started_here = address is None
+    ray.init(address="local" if started_here else address, log_to_driver=False, configure_logging=False,
              **({"include_dashboard": False} if started_here else {}))
     try:
         asks = {todo[i].request.device for i in pending_jobs}

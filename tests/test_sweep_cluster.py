@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -320,6 +321,28 @@ def _sweep_interrupted(cluster: Cluster, grid: Path, out: Path, ready, interrupt
         proc.kill()
         raise
     return proc
+
+
+def test_a_ray_sweep_without_address_starts_its_own_ray_whatever_cluster_this_machine_recorded(reference, tmp_path):
+    """Without --address the sweep runs on a Ray of its own: neither a cluster another program runs here nor
+    the stale address a dead one left in Ray's current-cluster file (as `ray start --head` does) is joined."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # nobody listens there
+        grid = tmp_path / "standard.toml"
+        grid.write_text(GRID.split("[[cells]]")[0] + '[[cells]]\ndefense = "standard"\n')
+        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+        res = subprocess.run([sys.executable, "-m", "bench.cli", "sweep", str(grid), "--executor", "ray",
+                              "--out", str(tmp_path / "results"), "-q"], env=env, capture_output=True, text=True,
+                             timeout=180)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stored = content(tmp_path / "results")["cells"]
+    assert len(stored) == 3 and stored == {k: v for k, v in content(reference)["cells"].items() if k[0] in
+                                           {r for r, (defense, *_) in content(reference)["runs"].items()
+                                            if defense == "standard"}}
 
 
 def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid, reference, tmp_path):
