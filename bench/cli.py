@@ -305,6 +305,10 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, exec
         click.echo("jobs per node: " + ", ".join(
             f"{n[:8]} {sum(n in r.get('nodes', []) for r in results)}" for n in nodes) if nodes else
             "jobs per node: none ran (every job was finished)")
+        concurrency = results[0].get("concurrency") if results else None
+        if concurrency:
+            click.echo(f"jobs at once: at most {concurrency['most_running']} "
+                       f"(the cluster's slots: {concurrency['slots']})")
         traffic = results[0].get("cache_traffic") if results else None
         if traffic:  # the evidence that no model was trained twice anywhere in the cluster
             click.echo(f"cache: {traffic['computed']} file(s) computed on workers ({traffic['distinct']} distinct), "

@@ -62,6 +62,7 @@ class Coordinator:
         self.cache_root = Path(out) / "cache"
         self.claims: dict[str, tuple[str, float]] = {}  # cache file -> (holder, last heard of)
         self.running: dict[str, str] = {}  # job label -> node id
+        self.most_running = 0  # the most jobs that ran at once
         self.placed: list[tuple[str, str]] = []  # (job label, node id) of every start, retries included
         self.published: list[str] = []  # every cache file a worker computed and sent, in order
         self.fetches = 0
@@ -113,12 +114,13 @@ class Coordinator:
     def job_started(self, label: str, node: str) -> None:
         self.running[label] = node
         self.placed.append((label, node))
+        self.most_running = max(self.most_running, len(self.running))
 
     def job_ended(self, label: str) -> None:
         self.running.pop(label, None)
 
-    def state(self) -> tuple[int, list[tuple[str, str]]]:
-        return len(self.running), list(self.placed)
+    def state(self) -> tuple[int, list[tuple[str, str]], int]:
+        return len(self.running), list(self.placed), self.most_running
 
     def cache_traffic(self) -> tuple[list[str], int]:
         return list(self.published), self.fetches
@@ -289,12 +291,23 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False)
         ).remote(str(Path(out).resolve()))
         task = ray.remote(run_job).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=3)
-        refs = {task.remote(_portable(todo[i].request), str(i), coordinator, str(Path(out).resolve()), env): i
-                for i in pending_jobs}
-        failed, shown = 0, ""
-        bar = tqdm(total=len(todo), initial=len(todo) - len(refs), desc="sweep", disable=quiet, dynamic_ncols=True)
-        waiting = list(refs)
-        while waiting:
+        refs: dict = {}
+        unsubmitted = list(pending_jobs)
+        failed, shown, most_slots = 0, "", 0
+        bar = tqdm(total=len(todo), initial=len(todo) - len(unsubmitted), desc="sweep", disable=quiet,
+                   dynamic_ncols=True)
+        waiting: list = []
+        while waiting or unsubmitted:
+            # Only as many jobs in Ray's hands as the cluster has slots for: a task blocked in ray.get (each
+            # cell it stores) lends its CPU back to Ray, which would start a queued job on it, and both then
+            # run: the jobs at once would grow past the CPUs (and their memory) as the sweep goes on.
+            slots = _slots(ray.cluster_resources(), cpus_per_job, gpus)
+            most_slots = max(most_slots, slots)
+            while unsubmitted and len(waiting) < slots:
+                i = unsubmitted.pop(0)
+                ref = task.remote(_portable(todo[i].request), str(i), coordinator, str(Path(out).resolve()), env)
+                refs[ref] = i
+                waiting.append(ref)
             ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
                 i = refs[ref]
@@ -309,13 +322,13 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
                 else:
                     failed += bool(results[i]["summary"]["failures"])
                 bar.update(1)
-            running, _ = ray.get(coordinator.state.remote())
+            running, _, _ = ray.get(coordinator.state.remote())
             postfix = f"running {running}, failed {failed}"
             if postfix != shown:
                 bar.set_postfix_str(postfix)
                 shown = postfix
         bar.close()
-        _, placed = ray.get(coordinator.state.remote())
+        _, placed, most_running = ray.get(coordinator.state.remote())
         published, fetches = ray.get(coordinator.cache_traffic.remote())
         ray.get(coordinator.close.remote())
     finally:
@@ -344,4 +357,13 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
     if out_list:
         out_list[0]["cache_traffic"] = {"computed": len(published), "distinct": len(set(published)),
                                         "fetched": fetches}
+        out_list[0]["concurrency"] = {"most_running": most_running, "slots": most_slots}
     return out_list
+
+
+def _slots(resources: dict, cpus_per_job: float, gpus: int) -> int:
+    """How many jobs the cluster's CPUs (and GPUs, when jobs ask for one) can run at once; at least one."""
+    slots = int(resources.get("CPU", 0) // cpus_per_job)
+    if gpus:
+        slots = min(slots, int(resources.get("GPU", 0) // gpus))
+    return max(1, slots)

@@ -286,6 +286,10 @@ def test_a_ray_sweep_over_two_nodes_stores_what_a_local_sweep_stores(cluster, gr
     per_node = [line for line in res.stdout.splitlines() if line.startswith("jobs per node:")]
     print(f"two-node sweep: {time.time() - start:.0f} s; {per_node}")
     assert per_node and per_node[0].count(",") == 1  # both nodes ran jobs
+    # six jobs, one CPU a node: never more jobs at once than CPUs, though every job lends its CPU back to
+    # Ray whenever it waits for the driver (each cell it stores)
+    at_once = re.search(r"jobs at once: at most (\d+) \(the cluster's slots: (\d+)\)", res.stdout)
+    assert at_once and int(at_once[2]) == 2 and 1 <= int(at_once[1]) <= 2, res.stdout
     assert content(tmp_path / "results") == content(reference)
     # the driver's cache holds every trained model and memo, as a local sweep's does, each computed once in
     # the whole cluster
