@@ -286,10 +286,10 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
         asks = {todo[i].request.device for i in pending_jobs}
         gpus = 1 if any(d.startswith("cuda") for d in asks) or (
             "auto" in asks and ray.cluster_resources().get("GPU", 0) > 0) else 0
-        driver_node = ray.get_runtime_context().get_node_id()
+        driver_node, driver_out = ray.get_runtime_context().get_node_id(), str(Path(out).resolve())
         coordinator = ray.remote(Coordinator).options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False)
-        ).remote(str(Path(out).resolve()))
+        ).remote(driver_out)
         task = ray.remote(run_job).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=3)
         refs: dict = {}
         unsubmitted = list(pending_jobs)
@@ -301,11 +301,11 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
             # Only as many jobs in Ray's hands as the cluster has slots for: a task blocked in ray.get (each
             # cell it stores) lends its CPU back to Ray, which would start a queued job on it, and both then
             # run: the jobs at once would grow past the CPUs (and their memory) as the sweep goes on.
-            slots = _slots(ray.cluster_resources(), cpus_per_job, gpus)
+            slots = _slots(ray.cluster_resources(), cpus_per_job, gpus) if unsubmitted else 0
             most_slots = max(most_slots, slots)
             while unsubmitted and len(waiting) < slots:
                 i = unsubmitted.pop(0)
-                ref = task.remote(_portable(todo[i].request), str(i), coordinator, str(Path(out).resolve()), env)
+                ref = task.remote(_portable(todo[i].request), str(i), coordinator, driver_out, env)
                 refs[ref] = i
                 waiting.append(ref)
             ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)

@@ -343,10 +343,9 @@ def test_a_ray_sweep_without_address_starts_its_own_ray_whatever_cluster_this_ma
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    stored = content(tmp_path / "results")["cells"]
-    assert len(stored) == 3 and stored == {k: v for k, v in content(reference)["cells"].items() if k[0] in
-                                           {r for r, (defense, *_) in content(reference)["runs"].items()
-                                            if defense == "standard"}}
+    stored, local = content(tmp_path / "results")["cells"], content(reference)
+    standard = {run for run, (defense, *_) in local["runs"].items() if defense == "standard"}
+    assert len(stored) == 3 and stored == {k: v for k, v in local["cells"].items() if k[0] in standard}
 
 
 def test_a_driver_killed_mid_sweep_is_resumed_by_running_it_again(cluster, grid, reference, tmp_path):
