@@ -37,6 +37,7 @@ from bench.store import Store, require_writable
 BASE_DEFENSE = "pgd_at"
 KEY = ("dataset", "arch", "preset")  # one file per value of these run fields
 CLEAN = "clean"
+N_SEEDS = "n, seeds"  # test images per seed, and the seed ids
 
 
 @dataclass
@@ -409,7 +410,7 @@ RANK_RULE = ("Rank = 1 + the number of rows whose worst case is significantly hi
 
 def main_table(configs: list[Config]) -> Table:
     """At most nine columns: rank, defense, clean, the primary threat model's worst case, its Δ against the
-    base, AutoAttack, flags, n (seeds), run. Everything else is in the detail tables and Reproduce."""
+    base, AutoAttack, flags, n and seed ids, run. Everything else is in the detail tables and Reproduce."""
     threat = primary_threat(configs)
     base = base_config(configs)
     worst_label = f"worst:{threat}" if threat else ""
@@ -445,14 +446,14 @@ def main_table(configs: list[Config]) -> Table:
                "Defense": row_name(cfg, configs), "Clean": clean_text, worst_col: worst_text,
                delta_col: delta_text(worst[i], base.flags(worst_label)) if base is not None and worst[i] else "—",
                "AutoAttack": aa_text, "Flags": " ".join(marks + check_flags(cfg)),
-               "n (seeds)": f"{n} ({','.join(map(str, cfg.seeds))})", "Run": cfg.key}
+               N_SEEDS: f"{n}, seed{'s' * (len(cfg.seeds) > 1)} {','.join(map(str, cfg.seeds))}", "Run": cfg.key}
         text_rows.append(row)
         md_rows.append({**row, "Flags": " ".join(marks + ([flags_text(cfg)] if check_flags(cfg) else [])),
                         "Run": f"[{cfg.key}](#{run_anchor(cfg)})"})
         value_rows.append({"Rank": float("inf") if rank is None else rank, "Clean": 100 * clean_mean,
                            worst_col: 100 * worst_mean, delta_col: 100 * test.delta if test else float("nan"),
-                           "AutoAttack": 100 * aa_mean, "n (seeds)": n})
-    columns = ["Rank", "Defense", "Clean", worst_col, delta_col, "AutoAttack", "Flags", "n (seeds)", "Run"]
+                           "AutoAttack": 100 * aa_mean, N_SEEDS: n})
+    columns = ["Rank", "Defense", "Clean", worst_col, delta_col, "AutoAttack", "Flags", N_SEEDS, "Run"]
     frame = pd.DataFrame(text_rows, columns=columns)
     return Table("Leaderboard", frame, pd.DataFrame(value_rows, columns=columns).astype(float),
                  [configs[i] for i in order], pd.DataFrame(md_rows, columns=columns), "leaderboard")
@@ -785,7 +786,7 @@ def build(configs: list[Config], dataset: str, arch: str, preset: str, dest: Pat
     main = main_table(configs)
     details = detail_tables(configs, main.configs)
     run0 = configs[0].runs[0].run
-    n = main.values["n (seeds)"].max() if len(main.frame) else 0
+    n = main.values[N_SEEDS].max() if len(main.frame) else 0
     header = [f"# {dataset} / {arch} / preset `{preset}`", "",
               f"- Regenerate: `bench leaderboard --out {source} --dest {dest}` (the command of every row is under "
               f"[Reproduce](#reproduce), linked from its Run column).",

@@ -164,7 +164,7 @@ def test_leaderboard_has_rows_deltas_hash_and_command(bench, out_dir, tmp_path):
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     col = {name: i for i, name in enumerate(header)}
     assert header == ["Rank", "Defense", "Clean", "Worst L∞ ε=0.1", "Δ worst vs pgd_at", "AutoAttack", "Flags",
-                      "n (seeds)", "Run"]
+                      "n, seeds", "Run"]
     rows = {r[col["Defense"]]: r for r in ([c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:])}
     assert set(rows) == {"pgd_at", "standard"}
     from bench.stats import mcnemar, wilson
@@ -179,7 +179,7 @@ def test_leaderboard_has_rows_deltas_hash_and_command(bench, out_dir, tmp_path):
         low, high = wilson(k, 128)
         assert row[col["Clean"]] == f"{100 * k / 128:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
         assert row[col["Run"]] == f"[{run['run_id'][:10]}](#run-{run['run_id'][:10]})"
-        assert row[col["n (seeds)"]] == "128 (0)"
+        assert row[col["n, seeds"]] == "128, seed 0"
         # the row's command, where its Run column links
         assert f'<a id="run-{run["run_id"][:10]}"></a>`{run["run_id"][:10]}` {name}: `{run["command"]}`' in text
     assert rows["pgd_at"][col["Δ worst vs pgd_at"]] == "+0.0 (identical)"
