@@ -156,7 +156,11 @@ def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
         chosen = info["chosen"]
         mix = f"α = {info['alpha']:.1f} of the fine-tuned ones and {1 - info['alpha']:.1f} of the base's"
         placed = [order[m] for m in chosen if m in order]
-        if layer in chosen:
+        if info["alpha"] == 0:
+            kept = ", ".join(f"{a:.1f}" for a in info.get("admissible_alphas", [])) or "none"
+            why.append(f"{name}'s α search kept α = 0, the base's own weights (α within the PGD-10 tolerance on the "
+                       f"selection split: {kept}; none of them raised clean accuracy), so the model is the base")
+        elif layer in chosen:
             # the run's own fine-tuning (its params override the preset's ft_epochs / ft_lr)
             preset = (run.get("config") or {}).get("preset", {})
             epochs = len((info.get("finetune") or {}).get("history") or []) or preset.get("ft_epochs", "?")

@@ -252,6 +252,12 @@ def test_kde_caption_places_each_models_modules_in_network_order():
     after = kde_caption("layer1.0.bn1", samples, {"RiFT": run(convs, ["layer1.1.conv2"], 0.3, 10),
                                                   "RiFT with BN": run(everything, ["linear"], 1.0, 10)})
     assert "RiFT fine-tuned only modules after this layer (layer1.1.conv2)" in after
+    # an α search that kept α = 0 left the base itself: the caption says so, not "too small a change"
+    kept = run(everything, ["layer1.2.bn2"], 0.0, 10)
+    kept["info"]["admissible_alphas"] = [0.0, 0.1]
+    base_itself = kde_caption("layer1.2.bn2", samples, {"RiFT with BN": kept})
+    assert "kept α = 0, the base's own weights (α within the PGD-10 tolerance on the selection split: 0.0, 0.1;" \
+        in base_itself and "too small a change" not in base_itself
 
 
 def test_figures_split_many_series_and_name_every_mark(tmp_path, monkeypatch):
