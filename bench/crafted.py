@@ -16,7 +16,6 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,9 +50,9 @@ class CraftedCache:
     """One run's paper-protocol cells: what they share (the surrogate, the test images, the seed...) is
     digested once; `key` adds each attack."""
 
-    def __init__(self, out: Path, store, target: Defended, protocol: str, seed: int, batch_size: int,
-                 test: Split, device: torch.device) -> None:
-        self.root, self.store = Path(out), store
+    def __init__(self, store, target: Defended, protocol: str, seed: int, batch_size: int, test: Split,
+                 device: torch.device) -> None:
+        self.store = store
         images = hashlib.sha256()
         for t in (test.x, test.y):
             images.update(str(tuple(t.shape)).encode())
@@ -75,20 +74,22 @@ class CraftedCache:
 
     def load(self, key: str, test: Split) -> Crafted | None:
         """The cell crafted under `key`, or None (absent, or unreadable: then it is crafted again)."""
-        path = self.root / self._relpath(key)
-        if not path.is_file():
-            return None
+        # through the store, which wrote it: a run on a Ray worker has its own `out`, the driver's holds the files
+        name = f"{key}.npz"
         try:
-            with np.load(path, allow_pickle=False) as f:  # a data file never runs code
+            data = self.store.read_file(self._relpath(key))
+            if data is None:
+                return None
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:  # a data file never runs code
                 x_adv = torch.from_numpy(np.array(f["x_adv"], dtype=np.float32))
                 extra = json.loads(str(f["extra"]))
                 found = Crafted(x_adv, extra if isinstance(extra, dict) else {}, bool(f["state_changed"]),
                                 float(f["seconds"]), str(f["run_id"]))
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            log.warning("crafted images %s unreadable (%s): crafting them again", path.name, exc)
+            log.warning("crafted images %s unreadable (%s): crafting them again", name, exc)
             return None
         if tuple(found.x_adv.shape) != tuple(test.x.shape):
-            log.warning("crafted images %s have shape %s, not the test split's: crafting them again", path.name,
+            log.warning("crafted images %s have shape %s, not the test split's: crafting them again", name,
                         tuple(found.x_adv.shape))
             return None
         return found

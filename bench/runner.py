@@ -578,8 +578,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
         log.info("clean: %.2f%% of %d (%.1fs)", 100 * res.accuracy, len(res.flags), res.seconds)
     # Under a paper protocol the attack differentiates a surrogate, whose images other runs may have crafted
     target = defended.attacked_under(protocol)
-    crafted = None if protocol == ADAPTIVE else CraftedCache(Path(cfg.out), store, target, protocol, cfg.seed,
-                                                             batch, test, prep.device)
+    crafted = None if protocol == ADAPTIVE else CraftedCache(store, target, protocol, cfg.seed, batch, test,
+                                                             prep.device)
     for spec, attack in attacks:
         if (spec.label, protocol) in finished:
             continue

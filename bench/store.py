@@ -308,6 +308,11 @@ class Store:
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
+    def read_file(self, relpath: str) -> bytes | None:
+        """A file `write_file` wrote (None if absent): runs on another machine read it through here too."""
+        path = self._inside(relpath)
+        return path.read_bytes() if path.is_file() else None
+
     def append_text(self, relpath: str, text: str) -> None:
         """Append to a text file beside the database (failures.log: the tracebacks a user does not see)."""
         with open(self._inside(relpath), "a", encoding="utf-8") as f:

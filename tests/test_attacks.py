@@ -437,6 +437,30 @@ def test_each_surrogate_is_its_own_protocol_and_the_ratio_grid_crafts_its_images
     assert "crafted_by" not in cells_9[("pgd10", "paper:init_stats")]["extra"]
 
 
+def test_crafted_images_are_read_back_through_the_store_that_wrote_them(tmp_path, monkeypatch):
+    """A run on a Ray worker writes through the driver's store and has an `out` of its own: the images an
+    earlier run crafted must be read through the store too (read from its own folder, the ratio grid of a Ray
+    sweep crafted every paper-protocol cell again)."""
+    from bench.contract import Defended
+    from bench.crafted import CraftedCache
+    from bench.data import Split
+    from bench.store import Store
+
+    monkeypatch.chdir(tmp_path)  # nothing may come from the current directory either
+    driver = Store(tmp_path / "driver")
+    test = Split(torch.rand(4, 3, 8, 8), torch.arange(4))
+    target = Defended(model=torch.nn.Linear(3, 2))
+    attack = type("Stub", (), {"params": {"eps": 0.1}})()
+    writer = CraftedCache(driver, target, "paper", 0, 2, test, torch.device("cpu"))
+    key = writer.key("pgd10", attack)
+    x_adv = torch.rand(4, 3, 8, 8)
+    writer.save(key, x_adv, {"steps": 10}, False, 1.5, "a" * 64)
+    found = CraftedCache(driver, target, "paper", 0, 2, test, torch.device("cpu")).load(key, test)
+    assert found is not None and torch.equal(found.x_adv, x_adv) and found.run_id == "a" * 64
+    assert found.extra == {"steps": 10} and found.seconds == 1.5
+    driver.close()
+
+
 def test_the_test_batch_surrogate_at_ratio_zero_is_the_defense_itself(out_dir, bench):
     _, paper = _shaping_run(bench, out_dir, 0, "paper:test_batch")
     _, adaptive = _shaping_run(bench, out_dir, 0, "adaptive")
