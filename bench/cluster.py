@@ -40,8 +40,8 @@ HEARTBEAT_SECONDS = 5.0
 POLL_SECONDS = 1.0
 # what a worker may ask of the driver's database (everything runner.execute uses)
 STORE_METHODS = frozenset({"put_run", "put_meta", "put_cell", "put_requests", "put_failure", "clear_failure",
-                           "put_checks", "write_file", "read_file", "append_text", "finished", "runs", "cells", "requests",
-                           "failures", "checks"})
+                           "put_checks", "write_file", "read_file", "append_text", "finished", "runs", "cells",
+                           "requests", "failures", "checks"})
 
 
 def require_ray():

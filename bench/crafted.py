@@ -75,9 +75,9 @@ class CraftedCache:
     def load(self, key: str, test: Split) -> Crafted | None:
         """The cell crafted under `key`, or None (absent, or unreadable: then it is crafted again)."""
         # through the store, which wrote it: a run on a Ray worker has its own `out`, the driver's holds the files
-        name = f"{key}.npz"
+        name = self._relpath(key)
         try:
-            data = self.store.read_file(self._relpath(key))
+            data = self.store.read_file(name)
             if data is None:
                 return None
             with np.load(io.BytesIO(data), allow_pickle=False) as f:  # a data file never runs code
