@@ -458,6 +458,11 @@ def test_crafted_images_are_read_back_through_the_store_that_wrote_them(tmp_path
     found = CraftedCache(driver, target, "paper", 0, 2, test, torch.device("cpu")).load(key, test)
     assert found is not None and torch.equal(found.x_adv, x_adv) and found.run_id == "a" * 64
     assert found.extra == {"steps": 10} and found.seconds == 1.5
+    # a Ray worker's store is the driver's coordinator, which serves only the store methods it lists
+    from bench.cluster import Coordinator
+
+    served = Coordinator(str(tmp_path / "driver")).store_call("read_file", (writer._relpath(key),), {})
+    assert served is not None and served == driver.read_file(writer._relpath(key))
     driver.close()
 
 
