@@ -38,20 +38,33 @@ def split_panels(panels: list[dict]) -> list[dict]:
     return out
 
 
+BAND_LABEL = "shaded: 95% interval"
+
+
 def lines(path: Path, panels: list[dict], *, title: str = "", width: float = 5.0) -> Path:
-    """Side-by-side panels; each {"title", "xlabel", "ylabel", "series": {label: (x, y)}, optional "marks":
-    {label: x}} draws each series with its own colour, marker and line style, and each mark as a dashed
-    vertical line; every one has a legend entry. A panel of more than MAX_SERIES series is split."""
+    """Side-by-side panels; each {"title", "xlabel", "ylabel", "series": {label: (x, y) or (x, y, (low,
+    high))}, optional "marks": {label: x}} draws each series with its own colour, marker and line style (its
+    interval, where given, as a band of its colour), and each mark as a dashed vertical line; every one has a
+    legend entry. A panel of more than MAX_SERIES series is split."""
+    from matplotlib.patches import Patch
+
     panels = split_panels(panels)
     wide = max(len(p["series"]) for p in panels) > 4 or any(len(k) > 28 for p in panels for k in p["series"])
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + (2.4 if wide else 0), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for i, (label, (x, y)) in enumerate(panel["series"].items()):
+        banded = False
+        for i, (label, (x, y, *band)) in enumerate(panel["series"].items()):
+            color = COLORS[i % len(COLORS)]
             ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.6, ls=STYLES[i % len(STYLES)],
-                    color=COLORS[i % len(COLORS)], label=label)
+                    color=color, label=label)
+            if band:
+                ax.fill_between(x, *band[0], color=color, alpha=0.15, lw=0)
+                banded = True
         for label, x in panel.get("marks", {}).items():
             ax.axvline(x, ls=(0, (4, 3)), lw=1.2, color="black", label=label)
-        xs = [v for x, _ in panel["series"].values() for v in x]
+        handles = ax.get_legend_handles_labels()[0] + ([Patch(color="grey", alpha=0.3, label=BAND_LABEL)]
+                                                       if banded else [])
+        xs = [v for x, *_ in panel["series"].values() for v in x]
         if xs and all(float(v).is_integer() for v in xs):
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(panel.get("title", ""), fontsize=10)
@@ -59,9 +72,9 @@ def lines(path: Path, panels: list[dict], *, title: str = "", width: float = 5.0
         ax.set_ylabel(panel["ylabel"])
         ax.grid(alpha=0.3)
         if wide:
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         else:
-            ax.legend(fontsize=8)
+            ax.legend(handles=handles, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     return save(fig, path)
@@ -73,6 +86,7 @@ def bars(path: Path, labels: list[str], values: list[float], groups: list[str], 
     entry of their own."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+    from matplotlib.transforms import ScaledTranslation
 
     palette = {g: COLORS[i % len(COLORS)] for i, g in enumerate(dict.fromkeys(groups))}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(labels) + 2), 4.4))
@@ -80,8 +94,9 @@ def bars(path: Path, labels: list[str], values: list[float], groups: list[str], 
     for x, value, group, label in zip(xs, values, groups, labels):
         chosen = label in marked
         ax.bar(x, value, color=palette[group], edgecolor="black" if chosen else "none", lw=1.5 if chosen else 0)
-        if chosen:
-            ax.annotate("*", (x, value), ha="center", va="bottom", fontsize=14)
+        if chosen:  # the legend's own marker, just above the bar
+            ax.plot([x], [value], ls="none", marker="*", ms=10, color="black", clip_on=False,
+                    transform=ax.transData + ScaledTranslation(0, 7 / 72, fig.dpi_scale_trans))
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=7)
     ax.set_xlabel(xlabel)

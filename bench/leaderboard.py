@@ -563,22 +563,25 @@ def eps_figure(rc) -> list[str]:
 
     curves: dict[str, dict[str, tuple]] = {}
     for cfg in rc.configs:
-        points: dict[tuple[str, str], dict[float, float]] = defaultdict(dict)
+        points: dict[tuple[str, str], dict[float, tuple[int, int]]] = defaultdict(dict)
         for r in cfg.runs[:1]:
             for (label, protocol), cell in r.cells.items():
                 if protocol == "adaptive":
-                    points[cell["name"], cell["norm"]][cell["eps"]] = 100 * cell["correct"] / cell["n"]
+                    points[cell["name"], cell["norm"]][cell["eps"]] = (cell["correct"], cell["n"])
         for key, by_eps in points.items():
             if len(by_eps) >= 3:
                 xs = sorted(by_eps)
-                curves.setdefault(key, {})[row_name(cfg, rc.configs)] = (xs, [by_eps[x] for x in xs])
+                bounds = [wilson(*by_eps[x]) for x in xs]  # each point's 95% interval, drawn as a band
+                curves.setdefault(key, {})[row_name(cfg, rc.configs)] = (
+                    xs, [100 * by_eps[x][0] / by_eps[x][1] for x in xs],
+                    ([100 * lo for lo, _ in bounds], [100 * hi for _, hi in bounds]))
     lines = []
     for (name, norm), series in curves.items():
-        budgets = [x for xs, _ in series.values() for x in xs]
+        budgets = [x for xs, *_ in series.values() for x in xs]
         # L-inf budgets of k/255 (CIFAR's 4/255, 8/255, 16/255) read best in units of 1/255; others as they are
         per_255 = norm == "Linf" and all(abs(255 * x - round(255 * x)) < 1e-6 for x in budgets)
         if per_255:
-            series = {label: ([round(255 * x) for x in xs], ys) for label, (xs, ys) in series.items()}
+            series = {label: ([round(255 * x) for x in xs], *rest) for label, (xs, *rest) in series.items()}
         stem = f"eps-{name}" if norm == "Linf" else f"eps-{name}-{norm}"  # (the L-inf figure keeps its name)
         shown = norm_text(norm)
         path = figures.lines(rc.figure(stem), [{

@@ -287,6 +287,36 @@ def test_figures_split_many_series_and_name_every_mark(tmp_path, monkeypatch):
     assert shown == list(series)
 
 
+def test_figures_draw_intervals_and_the_marked_bar_with_its_legend_marker(tmp_path, monkeypatch):
+    """A series given with its interval gets a band of its colour and the legend says what the shading is;
+    a marked bar carries the very marker its legend entry shows."""
+    from matplotlib.colors import to_rgba
+
+    from bench import figures
+
+    drawn = []
+    save = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    series = {"banded": ([4, 8, 16], [34.0, 29.0, 18.0], ([30.0, 25.0, 15.0], [38.0, 33.0, 22.0])),
+              "plain": ([4, 8, 16], [20.0, 10.0, 1.0])}
+    figures.lines(tmp_path / "eps.png", [{"xlabel": "ε", "ylabel": "accuracy (%)", "series": series}])
+    (ax,) = drawn[-1].axes
+    (band,) = ax.collections
+    assert to_rgba(band.get_facecolor()[0], 1) == to_rgba(ax.get_lines()[0].get_color())
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == 15.0 and max(ys) == 38.0
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["banded", "plain", figures.BAND_LABEL]
+
+    figures.bars(tmp_path / "mrc.png", ["conv1", "bn1", "linear"], [0.3, 0.01, 0.2], ["conv", "bn", "conv"],
+                 {"bn1"}, ylabel="MRC", title="t", marked_label="fine-tuned")
+    ax = drawn[-1].axes[0]
+    (star,) = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+    assert list(star.get_xdata()) == [1] and list(star.get_ydata()) == [0.01]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["conv", "bn", "fine-tuned"]
+    assert legend.legend_handles[-1].get_marker() == "*"
+
+
 def test_csv_and_json_hold_numbers(board):
     """One record per (run, cell): clean, every attack under each protocol, every worst case; numbers, not
     strings; JSON adds RobustBench's model_info fields per configuration."""
