@@ -264,12 +264,15 @@ def check_cmd(**opts) -> None:
 @click.option("--address", help="The Ray cluster to join (auto, or HOST:PORT of its head); without it, Ray "
                                 "starts on this machine. Only with --executor ray.")
 @click.option("--cpus-per-job", default=1.0, show_default=True, type=float,
-              help="CPUs each Ray task asks for (a job with --device cuda also asks for one GPU).")
+              help="CPUs each Ray task asks for.")
+@click.option("--gpus-per-job", default=1.0, show_default=True, type=float,
+              help="GPUs each Ray task of a GPU sweep (device cuda) asks for: a fraction such as 0.25 lets four "
+                   "small jobs share one GPU.")
 @click.option("--shard", metavar="I/N", help="Run only the I-th of N slices of the grid (1-based, e.g. a Slurm "
                                             "array task); merge the slices' databases with `bench merge`.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, executor: str, address: str | None,
-              cpus_per_job: float, shard: str | None, quiet: bool) -> None:
+              cpus_per_job: float, gpus_per_job: float, shard: str | None, quiet: bool) -> None:
     """Run a grid of (defense, params, seed) cells from a TOML file, resuming finished cells."""
     from tabulate import tabulate
 
@@ -284,7 +287,7 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, exec
         click.echo(f"{len(rows)} jobs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
         return
     results = sweep.run(file, out=out, quiet=quiet, dry_run=dry_run, executor=executor, address=address,
-                        shard=shard, cpus_per_job=cpus_per_job)
+                        shard=shard, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job)
     if dry_run:
         click.echo(tabulate([[r["label"], r["run_id"][:10], r["command"]] for r in results],
                             headers=["run", "config", "command"]))

@@ -148,7 +148,7 @@ def _prepare(todo: list[Job], executor: str) -> list:
 
 def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_run: bool = False,
         executor: str = "local", address: str | None = None, shard: str | None = None,
-        cpus_per_job: float = 1) -> list[dict]:
+        cpus_per_job: float = 1, gpus_per_job: float = 1) -> list[dict]:
     """Validate every job, then run them (in order here, or as Ray tasks) with one progress bar for the grid."""
     from tqdm.auto import tqdm
 
@@ -160,6 +160,8 @@ def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_ru
         raise BenchError("--address is for --executor ray")
     if not cpus_per_job > 0:
         raise BenchError(f"--cpus-per-job must be > 0, got {cpus_per_job}")
+    if not (0 < gpus_per_job <= 1 or float(gpus_per_job).is_integer()):  # Ray's rule for fractional GPUs
+        raise BenchError(f"--gpus-per-job must be a fraction in (0, 1] or a whole number, got {gpus_per_job}")
     todo = select(jobs(path, out=out), shard)
     prepared = _prepare(todo, executor)  # every mistake surfaces before any work
     if dry_run:
@@ -170,7 +172,7 @@ def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_ru
         from bench import cluster
 
         return cluster.run(todo, prepared, prepared[0].config.out, address=address, cpus_per_job=cpus_per_job,
-                           quiet=quiet)
+                           gpus_per_job=gpus_per_job, quiet=quiet)
     results = []
     bar = tqdm(list(zip(todo, prepared)), desc="sweep", disable=quiet, dynamic_ncols=True)
     for job, prep in bar:

@@ -182,11 +182,22 @@ def test_sweep_status_tells_done_partial_and_not_started_jobs(grid, reference, t
 def test_shard_and_executor_mistakes_are_one_line(grid, tmp_path):
     for args, says in [(("--shard", "3/2"), "between 1 and N"), (("--shard", "x"), "--shard must be I/N"),
                        (("--executor", "slurm"), "--executor must be local or ray"),
-                       (("--address", "auto"), "--address is for --executor ray")]:
+                       (("--address", "auto"), "--address is for --executor ray"),
+                       (("--executor", "ray", "--gpus-per-job", "1.5"), "--gpus-per-job must be a fraction")]:
         res = bench_subprocess("sweep", grid, "--out", tmp_path / "r", *args)
         assert res.returncode == 2 and says in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
     res = bench_subprocess("merge", tmp_path / "missing", "--out", tmp_path / "r")
     assert res.returncode == 2 and "no results in" in res.stderr
+
+
+def test_jobs_asking_for_a_fraction_of_a_gpu_share_it_as_far_as_the_cpus_allow():
+    from bench.cluster import _slots
+
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    assert _slots(one_gpu, 1, 1) == 1  # one whole GPU per job: the GPU is the limit
+    assert _slots(one_gpu, 1, 0.25) == 4  # a quarter each: four jobs on the one GPU
+    assert _slots(one_gpu, 8, 0.25) == 2  # ... unless the CPUs run out first
+    assert _slots({"CPU": 16.0}, 1, 0) == 16  # CPU jobs: the CPUs alone
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,22 +215,23 @@ def _ray(*args: str) -> list[str]:
 
 
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, head_resources: tuple[str, ...] = ("--num-cpus=1",), worker: bool = True) -> None:
         self.address = f"127.0.0.1:{_free_port()}"
         # a throwaway token: Ray's token authentication on, as on a real cluster
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.tmp = tmp
         self.head = self._start("head", "--head", "--port", self.address.split(":")[1], "--include-dashboard=false",
-                                "--disable-usage-stats")
+                                "--disable-usage-stats", *head_resources)
         self._wait_for_nodes(1)
-        self.worker = self._start("worker", "--address", self.address)
-        self._wait_for_nodes(2)
+        self.worker = self._start("worker", "--address", self.address, "--num-cpus=1") if worker else None
+        if worker:
+            self._wait_for_nodes(2)
 
     def _start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")
         # its own session: the whole node (raylet and its workers) is one process group to kill
-        return subprocess.Popen(_ray("start", "--block", "--num-cpus=1", "--object-store-memory=100000000", *args),
+        return subprocess.Popen(_ray("start", "--block", "--object-store-memory=100000000", *args),
                                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive_nodes(self) -> int:
@@ -254,7 +266,7 @@ class Cluster:
         self.worker.wait(timeout=30)
 
     def stop(self) -> None:
-        for proc in (self.worker, self.head):
+        for proc in filter(None, (self.worker, self.head)):
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
@@ -389,3 +401,19 @@ def test_a_worker_node_killed_mid_job_loses_no_cell_and_the_sweep_completes(clus
     assert "retried" in stdout, stdout
     print(stdout[-600:])
     assert content(out) == content(reference)
+
+
+def test_jobs_of_a_gpu_sweep_ask_for_the_fraction_of_a_gpu_given(tmp_path):
+    """One node declaring 2 CPUs and 1 GPU, which it has not: Ray takes the count as given, and a job given a
+    share of it runs on cuda, which fails here in one line. Whole-GPU jobs fit one at a time, half-GPU jobs two."""
+    node = Cluster(tmp_path, head_resources=("--num-cpus=2", "--num-gpus=1"), worker=False)
+    try:
+        grid = tmp_path / "standard.toml"
+        grid.write_text(GRID.split("[[cells]]")[0] + '[[cells]]\ndefense = "standard"\n')
+        for per_job, slots in (("1", 1), ("0.5", 2)):
+            res = subprocess.run(_sweep_on(node, grid, tmp_path / f"results-{per_job}") + ["--gpus-per-job", per_job],
+                                 env=node.env, capture_output=True, text=True, timeout=600)
+            assert res.returncode == 1 and "'cuda' requested but CUDA is not available" in res.stderr, res.stderr
+            assert f"(the cluster's slots: {slots})" in res.stdout, (per_job, res.stdout)
+    finally:
+        node.stop()
