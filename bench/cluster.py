@@ -258,7 +258,7 @@ def _portable(request):
 def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_job: float, quiet: bool,
         gpus_per_job: float = 1) -> list[dict]:
     """Run the jobs on Ray; returns one result per job in sweep order, as the local executor does. Jobs on a
-    GPU ask for `gpus_per_job` of one (a fraction shares it: a CIFAR ResNet-20 job leaves most of an H200 idle)."""
+    GPU ask for `gpus_per_job` of one (a fraction lets small jobs share it)."""
     ray = require_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm

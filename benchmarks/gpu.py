@@ -12,8 +12,8 @@ cifar10-mini). Rows, each a ratio or rate taken in this run, on ResNet-18 (the p
    every lever of bench.train on, then with each one off in turn (channels-last weights, training images
    resident on the device, loss read back every SYNC_EVERY steps, cuDNN autotuning on a GPU): a lever is
    kept only where its row is slower.
-2. PGD-10 evaluation (fp32, IEEE on a GPU: no TF32), images/s, at each batch size of `--eval-batch`; on a GPU also in TF32,
-   which results never use, to show what the IEEE choice costs.
+2. PGD-10 evaluation (fp32, IEEE on a GPU: no TF32), images/s, at each batch size of `--eval-batch`; on a GPU
+   also in TF32, which results never use, to show what the IEEE choice costs.
 3. PGD-10 against its limit, 10 x (forward + input-gradient backward), same batch: limit / ours.
 4. DeepFool against torchattacks' DeepFool on the same images: time ratio, and whether the same images flip.
 5. AutoAttack standard on `--aa-images` test images through the harness against pyautoattack called
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import importlib.util
 import os
 import subprocess
@@ -125,7 +126,7 @@ def training_rows(args, ds, preset, device, precision, only_compile=False):
             secs.append(one_pass(change, model, kwargs, 2 + r))
     base = None
     for (label, _, _, _, secs), warm_sec in zip(runs, warm):
-        sec = sorted(secs)[len(secs) // 2]
+        sec = statistics.median_high(secs)
         ips = n / sec
         base = base or ips
         print(f"   {label:<26}{ips:9.1f} images/s  50k epoch {FULL_EPOCH / ips:8.1f} s  (speed vs all on: "
@@ -268,7 +269,7 @@ def pgd_rows(args, ds, model, device, eps, alpha):
     for _ in range(5):  # interleaved, medians
         for key, fn in (("limit", limit), ("last", limit_and_last), ("ours", ours)):
             times[key].append(timed(fn, device)[1])
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = {k: statistics.median_high(v) for k, v in times.items()}
     print(f"3. PGD-10 / its limit, batch {batch}: limit {med['limit'] * 1e3:.1f} ms, ours "
           f"{med['ours'] * 1e3:.1f} ms -> limit / ours = {med['limit'] / med['ours']:.3f} (goal >= 0.95); with the "
           f"last iterate's forward ({med['last'] * 1e3:.1f} ms): {med['last'] / med['ours']:.3f}", flush=True)
@@ -286,11 +287,12 @@ def deepfool_row(ds, model, device, attack):
     ref = torchattacks.DeepFool(model, steps=50, overshoot=0.02)
     adv_ref, t_ref = timed(lambda: ref(x, y), device)
     with torch.no_grad():
+        clean = int((model(x).argmax(1) == y).sum())
         flip_ref = model(adv_ref).argmax(1) != y
         eps = ours.params.eps
         within = [(model(project(a, x, eps, "L2")).argmax(1) != y) for a in (adv_ours, adv_ref)]
     same = (flip_ours == flip_ref).float().mean().item()
-    print(f"4. DeepFool, {n} images ({int((model(x).argmax(1) == y).sum())} classified correctly): ours "
+    print(f"4. DeepFool, {n} images ({clean} classified correctly): ours "
           f"{t_ours:.2f} s, torchattacks {t_ref:.2f} s -> {t_ref / t_ours:.1f}x faster (goal >= 20x); unbounded, "
           f"flipped {int(flip_ours.sum())} vs {int(flip_ref.sum())}, same verdict on {same:.1%} of images; within "
           f"L2 {eps:g}: {int(within[0].sum())} vs {int(within[1].sum())}", flush=True)
