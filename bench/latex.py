@@ -45,12 +45,12 @@ def table(frame: pd.DataFrame, caption: str, label: str) -> str:
 
 # Computer Modern digits are half an em wide; \tabcolsep puts 6 pt each side of a column; a landscape page
 # with 1 cm margins leaves about 730 pt of text width.
-_SIZES = (("small", 9.0), ("footnotesize", 8.0), ("scriptsize", 7.0))
+_SIZES = (("small", 9.0), ("footnotesize", 8.0), ("scriptsize", 7.0), ("tiny", 6.0))
 _TEXT_WIDTH_PT = 730.0
 
 
 def type_size(frame: pd.DataFrame) -> str:
-    """The largest of \\small, \\footnotesize, \\scriptsize at which `frame`'s widest cells fit the page."""
+    """The largest of \\small, \\footnotesize, \\scriptsize, \\tiny at which `frame`'s widest cells fit the page."""
     chars = sum(max([len(str(c))] + [len(str(v)) for v in frame.iloc[:, i]]) for i, c in enumerate(frame.columns))
     for name, points in _SIZES:
         if chars * points / 2 + 12 * frame.shape[1] <= _TEXT_WIDTH_PT:

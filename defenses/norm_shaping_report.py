@@ -89,6 +89,12 @@ def _table_iii(rc, shaped: list, papers: list[str]) -> list[str]:
                 attacks.append(label)
     if not attacks:
         return []
+    # then the attacks only the adaptive protocol ran (the `shaping` attack): the adaptive row is the
+    # strongest attack on the defense, not only the counterparts of the surrogate attacks
+    for r in reference.runs:
+        for (label, protocol) in r.cells:
+            if protocol == ADAPTIVE and label not in attacks:
+                attacks.append(label)
     ratios = ", ".join(f"{k}={v}" for k, v in sorted(reference.params.items()) if "ratio" in k)
     rows = []
     if base is not None:

@@ -79,6 +79,12 @@ protocols = ["paper", "paper:test_batch", "adaptive"]
 defense = "norm_shaping"
 params = {{ epochs = 2, train_ratio = 1, infer_ratio = 0 }}
 attacks = ["pgd10", "fgsm"]
+
+[[cells]]
+defense = "norm_shaping"
+params = {{ epochs = 2, train_ratio = 3, infer_ratio = 3 }}
+attacks = ["shaping"]
+protocols = ["adaptive"]
 """
 
 
@@ -199,11 +205,18 @@ def test_norm_shaping_grid_and_adaptive_table(board):
     assert "1:0" in header and "1:3" in header
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in grid.splitlines() if ln.startswith("| 1:")}
     assert set(rows) == {"1:1", "1:3"}
-    # only train 1:1 x infer 1:0 also ran fgsm: every other cell's worst case is marked as over fewer attacks
-    assert "†" not in rows["1:1"][0] and rows["1:1"][1].endswith("† without fgsm") and "† without fgsm" in rows["1:3"][0]
+    # only train 1:1 x infer 1:0 also ran fgsm, only train 1:3 x infer 1:3 the adaptive-only `shaping` attack:
+    # each cell's worst case is marked with the attacks it lacks
+    assert rows["1:1"][0].endswith("† without shaping") and rows["1:1"][1].endswith("† without fgsm, shaping")
+    assert rows["1:3"][0].endswith("† without fgsm, shaping") and rows["1:3"][1].endswith("† without fgsm")
     table = text.split("### Adaptive vs non-adaptive attacks", 1)[1].split("\n## ", 1)[0]
-    kinds = [ln.split("|")[2].strip() for ln in table.splitlines() if ln.startswith("| norm_shaping")]
-    assert kinds == ["non-adaptive, eval surrogate", "non-adaptive, test_batch surrogate", "adaptive"]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header[3:] == ["pgd10", "shaping"]  # the surrogates' attacks, then the adaptive-only one
+    by_kind = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[4:-1]] for ln in lines
+               if ln.startswith("| norm_shaping")}
+    assert list(by_kind) == ["non-adaptive, eval surrogate", "non-adaptive, test_batch surrogate", "adaptive"]
+    assert by_kind["adaptive"][1] != "—" and by_kind["non-adaptive, eval surrogate"][1] == "—"
     assert "- pgd10, test_batch surrogate − adaptive = " in table and "- `init_stats`: " in table
     assert "### PGD-10 accuracy, non-adaptive: attacks on the test_batch surrogate" in text
     assert "### PGD-10, eval surrogate minus adaptive, in points" in text
