@@ -109,7 +109,9 @@ class NormShaping(Defense):
 
     PARAMS = {
         "train_ratio": Param(3, "n clean parts per attacked part in training batches", low=0),
-        "infer_ratio": Param(3, "shaping samples per test sample at inference (table IV: 0,1,3,9,19,49)", low=0),
+        "infer_ratio": Param(3, "shaping samples per test sample at inference (table IV: 0,1,3,9,19,49); an "
+                                "inference batch holds eval_batch_size x (1 + ratio) images, and adaptive attacks "
+                                "backpropagate through all of them (ResNet-20: about 2 MB each)", low=0),
         "base_loss": Param("pgd", "adversarial loss of training", choices=("pgd", "trades")),
         "epochs": Param(110, "training epochs", low=1, preset="epochs_pgd_at"),
         "lr": Param(0.1, "learning rate", above=0, preset="lr"),
