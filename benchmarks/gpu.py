@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import importlib.util
 import os
+import statistics
 import subprocess
 import sys
 import tempfile

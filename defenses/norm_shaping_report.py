@@ -82,19 +82,13 @@ def _table_iii(rc, shaped: list, papers: list[str]) -> list[str]:
     base = (rc.find("pgd_at") or [None])[0]
     reference = next((c for c in shaped if c.params.get("train_ratio") == 3 and c.params.get("infer_ratio") == 3),
                      shaped[0])
-    attacks = []
-    for r in reference.runs:
-        for (label, protocol) in r.cells:
-            if protocol != ADAPTIVE and label not in attacks:
-                attacks.append(label)
+    cells = [key for r in reference.runs for key in r.cells]
+    attacks = list(dict.fromkeys(label for label, protocol in cells if protocol != ADAPTIVE))
     if not attacks:
         return []
-    # then the attacks only the adaptive protocol ran (the `shaping` attack): the adaptive row is the
-    # strongest attack on the defense, not only the counterparts of the surrogate attacks
-    for r in reference.runs:
-        for (label, protocol) in r.cells:
-            if protocol == ADAPTIVE and label not in attacks:
-                attacks.append(label)
+    # then the attacks only the adaptive protocol ran (the `shaping` attack), so that the adaptive row shows
+    # every adaptive attack, not only the counterparts of the surrogates' attacks
+    attacks = list(dict.fromkeys(attacks + [label for label, protocol in cells if protocol == ADAPTIVE]))
     ratios = ", ".join(f"{k}={v}" for k, v in sorted(reference.params.items()) if "ratio" in k)
     rows = []
     if base is not None:
