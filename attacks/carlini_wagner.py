@@ -7,8 +7,6 @@ within ||delta||_2 <= 0.5), so the returned batch respects the budget.
 
 from __future__ import annotations
 
-import torch
-
 from attacks import torchattacks_adapter as ta
 from attacks.found_norms import FoundNorms
 

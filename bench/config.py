@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.errors import BenchError, did_you_mean, unknown
-from bench.params import Param, convert, exact_text, parse_assignments, parse_item  # (re-exported)
+from bench.params import Param, convert, exact_text, parse_assignments
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -23,12 +23,12 @@ from bench.as_is import AsIs
 from bench.context import Context
 from bench.crafted import CraftedCache
 from bench.contract import ADAPTIVE, PAPER, Attack, Defended, Defense, Surrogate, surrogate_of
-from bench.params import added_at_default, resolve_params
-from bench.config import RUN_INFO, AttackSpec, RunConfig, parse_assignments
-from bench.errors import BenchError, os_reason, unknown
+from bench.params import added_at_default, parse_item, resolve_params
+from bench.config import RUN_INFO, AttackSpec, RunConfig
+from bench.errors import BenchError
 from bench.evaluator import CellResult, attack_cell, clean_cell
 from bench.stats import worst_case
-from bench.store import DB_NAME, Store, require_writable
+from bench.store import Store, require_writable
 from bench.train import configure_backends, resolve_precision
 
 log = logging.getLogger("bench")
@@ -81,7 +81,7 @@ def split_attacks(attacks: Any) -> list[str]:
 
 def parse_attack(item: str) -> tuple[str, dict[str, str]]:
     """'pgd10[eps=4/255;steps=20]' -> ('pgd10', {'eps': '4/255', 'steps': '20'})."""
-    return config_mod.parse_item(item, "attack")
+    return parse_item(item, "attack")
 
 
 def attack_names(attacks: Any) -> list[str]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench import data as data_mod
 from bench.errors import BenchError
-from bench.projected_gradient import ce_loss, kl_loss, pgd
+from bench.projected_gradient import kl_loss, pgd
 from bench.state import eval_mode
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import data, models, state, train
+from bench import state
 from bench.projected_gradient import ce_loss, cw_loss, pgd
 from bench.registry import load
 
@@ -83,7 +83,7 @@ def test_attacks_leave_parameters_buffers_and_mixed_modes_untouched(trained, nam
     before_digest, before_modes = state.digest(model), state.modes(model)
     attack = load("attack", name)(eps=0.1)
     with torch.no_grad():
-        reference = model(x)  # this forward itself moves bn2's buffers...
+        model(x)  # this forward itself moves bn2's buffers...
     before_digest = state.digest(model)  # ...so take the digest after it
     attack.perturb(model, x, y)
     assert state.modes(model) == before_modes

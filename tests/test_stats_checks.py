@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from bench import checks, data, models, train
+from bench import checks, data
 from bench.api import Defended
 from bench.params import resolve_params
 from bench.evaluator import attack_cell
@@ -305,6 +305,7 @@ def test_run_flags_undeclared_batch_dependence_in_the_leaderboard(plugin_env, ou
     assert res.returncode == 0, res.stderr
     assert "check batch_dependence: fail" in res.stdout
     lb = bench_subprocess("leaderboard", "--out", out_dir, "--dest", tmp_path / "lb")
+    assert lb.returncode == 0, lb.stderr
     text = (tmp_path / "lb" / "digits-tiny_cnn-smoke.md").read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("|") and "toy_batchdep" in ln)
     assert "[⚠ batch-dependent: adaptive attack required](#checks-toy-batchdep-" in row
@@ -341,6 +342,7 @@ def test_seeds_repeat_the_cell_and_report_mean_and_std(bench, out_dir, tmp_path)
     runs = Store(out_dir, create=False).runs()
     assert sorted(r["seed"] for r in runs if r["defense"] == "standard") == [0, 1]
     lb = bench("leaderboard", "--out", out_dir, "--dest", tmp_path / "lb")
+    assert lb.code == 0, lb.err
     text = (tmp_path / "lb" / "digits-tiny_cnn-smoke.md").read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("| ") and "standard" in ln)
     assert "±" in row and "0,1" in row
