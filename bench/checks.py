@@ -291,7 +291,9 @@ def protocol_gap(adaptive: dict[str, dict], papers: dict[str, dict[str, dict]], 
 def from_cells(run: dict, cells: list[dict]) -> list[CheckResult]:
     """Checks 1, 2, 7-10 from a run's stored cells (both protocols)."""
     clean = next((c["flags"] for c in cells if c["attack"] == "clean"), None)
-    attack_cells = [c for c in cells if c["attack"] != "clean"]
+    # judged on robust accuracy, as the leaderboard shows it (stats.robust_flags)
+    attack_cells = [dict(c, flags=f, correct=int(f.sum())) for c in cells if c["attack"] != "clean"
+                    for f in [stats.robust_flags(clean, c["flags"])]]
     adaptive = {c["attack"]: c for c in attack_cells if c["protocol"] == ADAPTIVE}
     papers: dict[str, dict[str, dict]] = {}
     for c in attack_cells:

@@ -194,7 +194,7 @@ def _dataset(data: Any, data_dir, data_mod) -> tuple[str, str | None]:
 
 def _report(prep, result: dict, keep_out: bool) -> Report:
     from bench import runner
-    from bench.stats import worst_case
+    from bench.stats import robust_flags, worst_case
     from bench.store import Store
 
     cfg = prep.config
@@ -203,8 +203,9 @@ def _report(prep, result: dict, keep_out: bool) -> Report:
         cells = {c["attack"]: c for c in store.cells(cfg.run_id)}
     finally:
         store.close()
-    flags = {label: c["flags"] for label, c in cells.items()}
-    clean = flags.get(runner.CLEAN)
+    clean = cells[runner.CLEAN]["flags"] if runner.CLEAN in cells else None
+    flags = {label: c["flags"] if label == runner.CLEAN else robust_flags(clean, c["flags"])
+             for label, c in cells.items()}
     for r in result["rows"]:
         if r["attack"] == WORST and r["n"]:
             attacked = [c for label, c in cells.items() if label != runner.CLEAN and c["threat"] == r["threat"]

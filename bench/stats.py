@@ -80,6 +80,14 @@ def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+def robust_flags(clean: np.ndarray | None, attacked: np.ndarray) -> np.ndarray:
+    """Per-sample robustness under one attack: right under the attack *and* on the clean image (the
+    unperturbed image is inside every ball). A library attack on a batch-dependent defense can hand back a
+    misclassified image unchanged that the rest of the perturbed batch then gets classified right; without
+    the clean cell (a run whose clean cell is missing), the attack's own verdict."""
+    return attacked if clean is None else attacked & clean
+
+
 def worst_case(clean: np.ndarray | None, cells: Iterable[dict], threat: str,
                protocol: str | None = None) -> np.ndarray | None:
     """Per-sample correctness in the worst case over a threat model: a sample counts as robust only when

@@ -449,3 +449,27 @@ def test_fragile_features_table_marks_a_worst_case_over_fewer_or_missing_attacks
     assert rows["pgd_at"] == "0.0"
     assert rows["bn_stats"] == "0.0 † without fgsm"
     assert rows["bn_params"] == "0.0 † without fgsm ‡ incomplete: fgsm missing"
+
+
+def test_an_attack_never_counts_a_sample_wrong_on_its_clean_image_as_robust(tmp_path):
+    """A library attack on a batch-dependent defense can return a misclassified image unchanged that the
+    perturbed batch then gets classified right; robust accuracy is at most clean accuracy (δ = 0 is in the
+    ball), on the board and in its csv/json records."""
+    import numpy as np
+
+    from bench.leaderboard import Config, Run, cell_records
+    from bench.stats import robust_flags
+
+    clean = np.array([1, 1, 0, 0, 1, 0], bool)
+    attacked = np.array([1, 0, 1, 1, 0, 0], bool)  # right under the attack on two images wrong clean
+    assert robust_flags(clean, attacked).tolist() == [True, False, False, False, False, False]
+    assert robust_flags(None, attacked) is attacked
+    cells = {("autoattack", "adaptive"): {"protocol": "adaptive", "threat": "Linf eps=0.1", "flags": attacked,
+                                          "name": "autoattack", "norm": "Linf", "eps": 0.1, "seconds": 1.0}}
+    run = {"run_id": "x" * 12, "seed": 0, "batch_dependent": 1, "info": {}, "dataset": "digits",
+           "arch": "tiny_cnn", "preset": "smoke", "code_version": "0", "command": "bench run"}
+    cfg = Config("norm_shaping", {}, [Run(run, clean, cells, [], [])])
+    assert cfg.flags("autoattack")[0].sum() == 1  # not the attack's raw 3 of 6
+    records = {(r["cell"], r["protocol"]): r for r in cell_records([cfg])}
+    assert records["autoattack", "adaptive"]["correct"] == 1
+    assert records["clean", "adaptive"]["correct"] == 3
