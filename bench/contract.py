@@ -11,16 +11,13 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from bench.composition import NORMS, composed
 from bench.errors import BenchError
 from bench.params import Param, ParamValues, _accepted, _keyword_params, _known_names, convert, exact_text, resolve_params
-
-if TYPE_CHECKING:  # for annotations only
-    from bench.context import Context
 
 
 class _PluginType(abc.ABCMeta):
