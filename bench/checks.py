@@ -290,10 +290,9 @@ def protocol_gap(adaptive: dict[str, dict], papers: dict[str, dict[str, dict]], 
 
 def from_cells(run: dict, cells: list[dict]) -> list[CheckResult]:
     """Checks 1, 2, 7-10 from a run's stored cells (both protocols)."""
+    cells = stats.robust_cells(cells)  # judged on robust accuracy, as the leaderboard shows it
     clean = next((c["flags"] for c in cells if c["attack"] == "clean"), None)
-    # judged on robust accuracy, as the leaderboard shows it (stats.robust_flags)
-    attack_cells = [dict(c, flags=f, correct=int(f.sum())) for c in cells if c["attack"] != "clean"
-                    for f in [stats.robust_flags(clean, c["flags"])]]
+    attack_cells = [c for c in cells if c["attack"] != "clean"]
     adaptive = {c["attack"]: c for c in attack_cells if c["protocol"] == ADAPTIVE}
     papers: dict[str, dict[str, dict]] = {}
     for c in attack_cells:

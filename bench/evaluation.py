@@ -194,18 +194,17 @@ def _dataset(data: Any, data_dir, data_mod) -> tuple[str, str | None]:
 
 def _report(prep, result: dict, keep_out: bool) -> Report:
     from bench import runner
-    from bench.stats import robust_flags, worst_case
+    from bench.stats import robust_cells, worst_case
     from bench.store import Store
 
     cfg = prep.config
     store = Store(cfg.out, create=False)
     try:
-        cells = {c["attack"]: c for c in store.cells(cfg.run_id)}
+        cells = {c["attack"]: c for c in robust_cells(store.cells(cfg.run_id))}
     finally:
         store.close()
-    clean = cells[runner.CLEAN]["flags"] if runner.CLEAN in cells else None
-    flags = {label: c["flags"] if label == runner.CLEAN else robust_flags(clean, c["flags"])
-             for label, c in cells.items()}
+    flags = {label: c["flags"] for label, c in cells.items()}
+    clean = flags.get(runner.CLEAN)
     for r in result["rows"]:
         if r["attack"] == WORST and r["n"]:
             attacked = [c for label, c in cells.items() if label != runner.CLEAN and c["threat"] == r["threat"]

@@ -31,7 +31,7 @@ from bench.contract import ADAPTIVE, PAPER, surrogate_of
 from bench.errors import BenchError, os_reason, require_safe_name
 from bench.models import file_label
 from bench.params import exact_text
-from bench.stats import intervals_overlap, mcnemar, mean_std, robust_flags, wilson, worst_case
+from bench.stats import intervals_overlap, mcnemar, mean_std, robust_cells, wilson, worst_case
 from bench.store import Store, require_writable
 
 BASE_DEFENSE = "pgd_at"
@@ -86,13 +86,13 @@ class Config:
             scope = None if protocol == ADAPTIVE else protocol
             return None if r.clean is None else worst_case(r.clean, r.cells.values(), label[len("worst:"):], scope)
         cell = r.cells.get((label, protocol))
-        return robust_flags(r.clean, cell["flags"]) if cell is not None else None
+        return cell["flags"] if cell is not None else None
 
 
 def load(store: Store) -> list[Config]:
     configs: dict[str, Config] = {}
     for run in store.runs():
-        cells = store.cells(run["run_id"])
+        cells = robust_cells(store.cells(run["run_id"]))
         clean = next((c["flags"] for c in cells if c["attack"] == CLEAN), None)
         by = {(c["attack"], c["protocol"]): c for c in cells if c["attack"] != CLEAN}
         ident = dict(run["config"])
@@ -670,7 +670,7 @@ def cell_records(configs: list[Config]) -> list[dict]:
 
             records.append(record(CLEAN, "adaptive", r.clean))
             for (label, protocol), c in r.cells.items():
-                records.append(record(label, protocol, robust_flags(r.clean, c["flags"]), attack=c["name"], threat=c["threat"],
+                records.append(record(label, protocol, c["flags"], attack=c["name"], threat=c["threat"],
                                       norm=c["norm"], eps=float(c["eps"]), seconds=float(c["seconds"])))
             for m in r.missing:
                 records.append(record(m["attack"], m["protocol"], None, "failed" if m["error"] else "missing",
@@ -768,8 +768,8 @@ def reading_guide(main: Table) -> list[str]:
     return [
         "Accuracies in %, with a 95% Wilson interval for one seed or mean ± std over seeds; n test images per "
         "seed. An attack's accuracy counts a sample only if it is also right clean (the clean image is inside "
-        "every ball). Worst = correct on the clean image and under every attack of the threat model that ran on the "
-        "defense: the adaptive attacks (they differentiate the defense's whole inference procedure) and, where "
+        "every ball). Worst = correct on the clean image and under every attack of the threat model that ran "
+        "on the defense: the adaptive attacks (they differentiate the defense's whole inference procedure) and, where "
         "it ran, the paper protocol (attacks on the defense's surrogate, scored on the defense, as non-adaptive "
         "papers did: a sample they fool is not robust either). The detail tables below give every attack, the "
         "paper protocol's own worst case (the papers' number) and the other budgets.",

@@ -27,7 +27,7 @@ from bench.params import added_at_default, parse_item, resolve_params
 from bench.config import RUN_INFO, AttackSpec, RunConfig
 from bench.errors import BenchError
 from bench.evaluator import CellResult, attack_cell, clean_cell
-from bench.stats import robust_flags, worst_case
+from bench.stats import robust_cells, worst_case
 from bench.store import Store, require_writable
 from bench.train import configure_backends, resolve_precision
 
@@ -674,7 +674,7 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
     its threat model says that it lacks it."""
     from bench.leaderboard import missing_cells
 
-    cells = {(c["attack"], c["protocol"]): c for c in store.cells(run_id)}
+    cells = {(c["attack"], c["protocol"]): c for c in robust_cells(store.cells(run_id))}
     absent = [m for m in missing_cells(store, run_id, list(cells.values())) if m["attack"] in labels or m["attack"] == CLEAN]
     rows = []
     clean = cells.get((CLEAN, NO_PROTOCOL))
@@ -683,9 +683,8 @@ def summary(store: Store, run_id: str, labels: list[str], cfg: RunConfig) -> dic
                      "accuracy": clean["correct"] / clean["n"], "seconds": clean["seconds"]})
     attacked = [c for (label, _), c in cells.items() if label != CLEAN and label in labels]
     for c in attacked:
-        robust = robust_flags(clean["flags"] if clean is not None else None, c["flags"])
         rows.append({"attack": c["attack"], "protocol": c["protocol"], "threat": c["threat"], "n": c["n"],
-                     "accuracy": int(robust.sum()) / c["n"], "seconds": c["seconds"]})
+                     "accuracy": c["correct"] / c["n"], "seconds": c["seconds"]})
     worst = {key: worst_case(clean["flags"] if clean is not None else None, attacked, *key)
              for key in dict.fromkeys((c["threat"], c["protocol"]) for c in attacked)}
     for r in absent:

@@ -88,6 +88,19 @@ def robust_flags(clean: np.ndarray | None, attacked: np.ndarray) -> np.ndarray:
     return attacked if clean is None else attacked & clean
 
 
+def robust_cells(cells: list[dict]) -> list[dict]:
+    """One run's stored cells as accuracies: each attack cell's flags and count capped by the run's clean
+    cell (robust_flags); what every reader of results (leaderboard, summary, report, checks) works on."""
+    clean = next((c["flags"] for c in cells if c["attack"] == "clean"), None)
+    out = []
+    for c in cells:
+        if c["attack"] != "clean":
+            flags = robust_flags(clean, c["flags"])
+            c = dict(c, flags=flags, correct=int(flags.sum()))
+        out.append(c)
+    return out
+
+
 def worst_case(clean: np.ndarray | None, cells: Iterable[dict], threat: str,
                protocol: str | None = None) -> np.ndarray | None:
     """Per-sample correctness in the worst case over a threat model: a sample counts as robust only when

@@ -457,18 +457,23 @@ def test_an_attack_never_counts_a_sample_wrong_on_its_clean_image_as_robust(tmp_
     ball), on the board and in its csv/json records."""
     import numpy as np
 
-    from bench.leaderboard import Config, Run, cell_records
+    from bench.leaderboard import cell_records, load
     from bench.stats import robust_flags
+    from bench.store import Store
 
     clean = np.array([1, 1, 0, 0, 1, 0], bool)
     attacked = np.array([1, 0, 1, 1, 0, 0], bool)  # right under the attack on two images wrong clean
     assert robust_flags(clean, attacked).tolist() == [True, False, False, False, False, False]
     assert robust_flags(None, attacked) is attacked
-    cells = {("autoattack", "adaptive"): {"protocol": "adaptive", "threat": "Linf eps=0.1", "flags": attacked,
-                                          "name": "autoattack", "norm": "Linf", "eps": 0.1, "seconds": 1.0}}
-    run = {"run_id": "x" * 12, "seed": 0, "batch_dependent": 1, "info": {}, "dataset": "digits",
-           "arch": "tiny_cnn", "preset": "smoke", "code_version": "0", "command": "bench run"}
-    cfg = Config("norm_shaping", {}, [Run(run, clean, cells, [], [])])
+    store = Store(tmp_path / "results")
+    store.put_run({"run_id": "x" * 12, "defense": "norm_shaping", "params": {}, "preset": "smoke",
+                   "dataset": "digits", "arch": "tiny_cnn", "seed": 0, "precision": "fp32", "config": {},
+                   "command": "bench run", "code_version": "0", "batch_dependent": 1, "randomized": 0,
+                   "has_surrogate": 0, "info": {}, "build_seconds": 0.0})
+    for attack, flags in (("clean", clean), ("autoattack", attacked)):
+        store.put_cell("x" * 12, attack=attack, protocol="-" if attack == "clean" else "adaptive", name=attack,
+                       params={}, norm="Linf", eps=0.1, threat="Linf eps=0.1", flags=flags, seconds=1.0, extra={})
+    cfg, = load(store)
     assert cfg.flags("autoattack")[0].sum() == 1  # not the attack's raw 3 of 6
     records = {(r["cell"], r["protocol"]): r for r in cell_records([cfg])}
     assert records["autoattack", "adaptive"]["correct"] == 1
