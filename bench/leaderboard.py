@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import latex, registry, webpage
+from bench import checks as sanity, latex, registry, webpage
 from bench.config import META_FIELDS, default_surrogate, harness_info, training_scope
 from bench.contract import ADAPTIVE, PAPER, surrogate_of
 from bench.errors import BenchError, os_reason, require_safe_name
@@ -92,17 +92,28 @@ class Config:
 def load(store: Store) -> list[Config]:
     configs: dict[str, Config] = {}
     for run in store.runs():
-        cells = robust_cells(store.cells(run["run_id"]))
+        stored = store.cells(run["run_id"])
+        cells = robust_cells(stored)
         clean = next((c["flags"] for c in cells if c["attack"] == CLEAN), None)
         by = {(c["attack"], c["protocol"]): c for c in cells if c["attack"] != CLEAN}
         ident = dict(run["config"])
         ident.pop("seed", None)
         key = json.dumps(ident, sort_keys=True)
         cfg = configs.setdefault(key, Config(run["defense"], run["params"]))
-        cfg.runs.append(Run(run, clean, by, store.checks(run["run_id"]), missing_cells(store, run["run_id"], cells)))
+        cfg.runs.append(Run(run, clean, by, current_checks(store, run, stored),
+                            missing_cells(store, run["run_id"], cells)))
     for cfg in configs.values():
         cfg.runs.sort(key=lambda r: r.run["seed"])
     return list(configs.values())
+
+
+def current_checks(store: Store, run: dict, cells: list[dict]) -> list[dict]:
+    """A run's stored checks, with those judged from its cells taken again by today's rules, so results
+    stored by older code (which judged raw verdicts, above clean) are flagged as the board counts them.
+    A check never stored is not added: the board shows only checks that ran."""
+    fresh = {name: {"status": status, "detail": detail, "flag": flag}
+             for name, status, detail, flag in (c.row() for c in sanity.from_cells(run, cells))}
+    return [{**c, **fresh.get(c["name"], {})} for c in store.checks(run["run_id"])]
 
 
 def missing_cells(store: Store, run_id: str, cells: list[dict]) -> list[dict]:

@@ -473,8 +473,13 @@ def test_an_attack_never_counts_a_sample_wrong_on_its_clean_image_as_robust(tmp_
     for attack, flags in (("clean", clean), ("autoattack", attacked)):
         store.put_cell("x" * 12, attack=attack, protocol="-" if attack == "clean" else "adaptive", name=attack,
                        params={}, norm="Linf", eps=0.1, threat="Linf eps=0.1", flags=flags, seconds=1.0, extra={})
+    # checks stored by older code judged the raw verdict (3 of 6 above clean's 3): the board judges them again
+    store.put_checks("x" * 12, [("worst_case", "fail", "worst 50.00% > clean 50.00%", "✗ stale")])
     cfg, = load(store)
     assert cfg.flags("autoattack")[0].sum() == 1  # not the attack's raw 3 of 6
+    check, = cfg.runs[0].checks  # only the check that ran, judged by today's rules
+    assert check["name"] == "worst_case" and check["status"] == "pass" and "stale" not in check["flag"]
+    assert "16.67%" in check["detail"], check["detail"]
     records = {(r["cell"], r["protocol"]): r for r in cell_records([cfg])}
     assert records["autoattack", "adaptive"]["correct"] == 1
     assert records["clean", "adaptive"]["correct"] == 3
