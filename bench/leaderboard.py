@@ -92,15 +92,14 @@ class Config:
 def load(store: Store) -> list[Config]:
     configs: dict[str, Config] = {}
     for run in store.runs():
-        stored = store.cells(run["run_id"])
-        cells = robust_cells(stored)
+        cells = robust_cells(store.cells(run["run_id"]))
         clean = next((c["flags"] for c in cells if c["attack"] == CLEAN), None)
         by = {(c["attack"], c["protocol"]): c for c in cells if c["attack"] != CLEAN}
         ident = dict(run["config"])
         ident.pop("seed", None)
         key = json.dumps(ident, sort_keys=True)
         cfg = configs.setdefault(key, Config(run["defense"], run["params"]))
-        cfg.runs.append(Run(run, clean, by, current_checks(store, run, stored),
+        cfg.runs.append(Run(run, clean, by, current_checks(store, run, cells),
                             missing_cells(store, run["run_id"], cells)))
     for cfg in configs.values():
         cfg.runs.sort(key=lambda r: r.run["seed"])
@@ -108,9 +107,10 @@ def load(store: Store) -> list[Config]:
 
 
 def current_checks(store: Store, run: dict, cells: list[dict]) -> list[dict]:
-    """A run's stored checks, with those judged from its cells taken again by today's rules, so results
-    stored by older code (which judged raw verdicts, above clean) are flagged as the board counts them.
-    A check never stored is not added: the board shows only checks that ran."""
+    """A run's stored checks, with those judged from its cells (robust_cells', already capped: capping
+    again changes nothing) taken again by today's rules, so results stored by older code (which judged raw
+    verdicts, above clean) are flagged as the board counts them. A check never stored is not added: the
+    board shows only checks that ran."""
     fresh = {name: {"status": status, "detail": detail, "flag": flag}
              for name, status, detail, flag in (c.row() for c in sanity.from_cells(run, cells))}
     return [{**c, **fresh.get(c["name"], {})} for c in store.checks(run["run_id"])]
