@@ -107,10 +107,9 @@ def load(store: Store) -> list[Config]:
 
 
 def current_checks(store: Store, run: dict, cells: list[dict]) -> list[dict]:
-    """A run's stored checks, with those judged from its cells (robust_cells', already capped: capping
-    again changes nothing) taken again by today's rules, so results stored by older code (which judged raw
-    verdicts, above clean) are flagged as the board counts them. A check never stored is not added: the
-    board shows only checks that ran."""
+    """A run's stored checks, those computed from cells (1, 2, 7-10) judged again by today's rules: older
+    code judged raw verdicts, not robust accuracy as the board counts it. A check that never ran is not
+    added."""
     fresh = {name: {"status": status, "detail": detail, "flag": flag}
              for name, status, detail, flag in (c.row() for c in sanity.from_cells(run, cells))}
     return [{**c, **fresh.get(c["name"], {})} for c in store.checks(run["run_id"])]
