@@ -17,8 +17,11 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
+import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +34,7 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process locking
     fcntl = None
 
 from bench.config import derived_seed, model_identity, stable_hash, to_json
-from bench.errors import BenchError, file_safe
+from bench.errors import BenchError, file_safe, os_reason
 from bench.train import (Clean, PGDAdversarial, Schedule, TRADES, TrainSpec, accuracy, autocast_factory, fgsm_rs,
                          preset_spec, robust_accuracy, train)
 
@@ -122,31 +125,81 @@ def _read_pair(path: Path, sidecar: Path) -> tuple[bytes, str | None]:
     return path.read_bytes(), expected
 
 
+def unusable_tensor(value: torch.Tensor) -> str | None:
+    """Why a tensor read from a file cannot serve as weights or data, in words ('on the meta device (it holds
+    no values)', 'a sparse tensor'), or None for a plain dense tensor."""
+    if value.is_meta:
+        return "on the meta device (it holds no values)"
+    if getattr(value, "is_nested", False):
+        return "a nested tensor"
+    if value.layout != torch.strided:
+        return f"a sparse tensor ({str(value.layout).replace('torch.', '')})"
+    if value.is_quantized:
+        return f"a quantized tensor ({str(value.dtype).replace('torch.', '')})"
+    return None
+
+
+# torch's refusal carries advice we never follow (weights_only=False would run the file's code; allowlisting
+# its globals would too): only what the file holds is reported
+_TORCH_ADVICE = re.compile(r"weights_only|safe_globals|trust|documentation|please|two options|if you|[(]\d[)]",
+                           re.IGNORECASE)
+
+
+def load_weights_only(blob: bytes, what: str, hint: str) -> Any:
+    """torch.load(weights_only=True) of `blob`, the bytes of the file `what` names: tensors and plain data,
+    never code. An empty or corrupt file is one BenchError, and so is one holding other objects: it names the
+    global the file references, then `hint` (what to save instead)."""
+    if not blob:
+        raise BenchError(f"{what} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # (its warnings about a file's pickle protocol are for torch's authors)
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses any object but tensors and plain data
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise BenchError(f"{what} holds Python objects other than tensors and plain data (it references "
+                             f"{found.group(1)}), which are never unpickled (code could run); {hint}") from None
+        raise _corrupt(what, "UnpicklingError", text) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for foreign or corrupt files
+        raise _corrupt(what, type(exc).__name__, str(exc)) from None
+
+
+def _corrupt(what: str, kind: str, text: str) -> BenchError:
+    reason = _torch_reason(text)
+    return BenchError(f"{what} is corrupt or not a PyTorch file ({kind}{': ' + reason if reason else ''})")
+
+
+def _torch_reason(text: str) -> str:
+    """torch's error message without its advice: the sentences that say what is wrong, on one line."""
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", text)
+    kept = [s.strip() for s in sentences if s.strip() and not _TORCH_ADVICE.search(s)]
+    return textwrap.shorten(" ".join(kept), 200, placeholder=" ...")
+
+
 def load(path: Path, *, require_digest: bool) -> dict:
     """{'state_dict': ..., 'meta': ...} from one of our files, or a bare/foreign state dict."""
     path = Path(path)
-    if not path.is_file():
-        raise BenchError(f"checkpoint {path} does not exist")
-    sidecar = Path(str(path) + ".sha256")
-    blob, expected = _read_pair(path, sidecar)
-    if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
-        # maybe caught between a writer's two renames: read the pair again while no writer can rename
-        with _flock(path.parent / PAIR_LOCK, exclusive=False):
-            blob, expected = _read_pair(path, sidecar)
+    try:
+        if not path.is_file():
+            raise BenchError(f"checkpoint {path} " + ("is a directory, not a checkpoint file" if path.is_dir() else
+                                                      "is not a regular file" if path.exists() else "does not exist"))
+        sidecar = Path(str(path) + ".sha256")
+        blob, expected = _read_pair(path, sidecar)
         if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
-            raise BenchError(f"checkpoint {path} is corrupt: its sha256 differs from {sidecar.name}")
+            # maybe caught between a writer's two renames: read the pair again while no writer can rename
+            with _flock(path.parent / PAIR_LOCK, exclusive=False):
+                blob, expected = _read_pair(path, sidecar)
+    except OSError as exc:
+        raise BenchError(f"checkpoint {path} cannot be read ({os_reason(exc)})") from None
+    if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+        raise BenchError(f"checkpoint {path} is corrupt: its sha256 differs from {sidecar.name}")
     if expected is None and require_digest:
         raise BenchError(f"checkpoint {path} has no {sidecar.name}; delete it to retrain")
-    try:  # the bytes just checked, not the file again
-        obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refuses any object but tensors and plain data
-        what = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
-        raise BenchError(f"checkpoint {path} holds Python objects other than tensors and plain data, which are "
-                         f"never unpickled (code could run); save model.state_dict() instead"
-                         + (f" ({what[:160]})" if what else "")) from None
-    except Exception as exc:
-        raise BenchError(f"checkpoint {path} is corrupt or not a PyTorch state dict "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    # the bytes just checked, not the file again
+    obj = load_weights_only(blob, f"checkpoint {path}", "save model.state_dict() instead")
     state, meta = None, {}
     if isinstance(obj, dict):
         # a training script's usual containers: {"state_dict": ...} (ours adds "meta"), {"model": ...},
@@ -158,6 +211,11 @@ def load(path: Path, *, require_digest: bool) -> dict:
         found = f"; it holds the keys {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, dict) and obj else ""
         raise BenchError(f"checkpoint {path} holds no state dict (parameter names mapped to tensors, alone or "
                          f"under {', '.join(STATE_KEYS)}){found}")
+    for name, value in state.items():
+        problem = unusable_tensor(value)
+        if problem:
+            raise BenchError(f"checkpoint {path}: '{name}' is {problem}; save the weights of a model on the CPU "
+                             f"or a GPU (model.state_dict()), dense")
     return {"state_dict": state, "meta": meta if isinstance(meta, dict) else {}}
 
 

@@ -14,6 +14,13 @@ from bench.errors import BenchError, os_reason
 
 log = logging.getLogger("bench")
 _argv: list[str] = []  # the arguments of this invocation, stored with each run as its command
+# set once this command starts computing cells, so an error or interruption says so only when it may be true
+_computing = False
+
+
+def _start_computing() -> None:
+    global _computing
+    _computing = True
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -119,6 +126,7 @@ def run_cmd(**opts) -> None:
         if seed is not None:
             req.seed = seed
         prep = runner.prepare(req)
+        _start_computing()
         results.append(runner.execute(prep, quiet=req.quiet))
         print_summary(results[-1], seed if len(seeds) > 1 else None)
     if len(results) > 1:
@@ -287,7 +295,7 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, exec
         click.echo(f"{len(rows)} jobs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
         return
     results = sweep.run(file, out=out, quiet=quiet, dry_run=dry_run, executor=executor, address=address,
-                        shard=shard, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job)
+                        shard=shard, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job, on_start=_start_computing)
     if dry_run:
         click.echo(tabulate([[r["label"], r["run_id"][:10], r["command"]] for r in results],
                             headers=["run", "config", "command"]))
@@ -364,8 +372,9 @@ def leaderboard_cmd(out: str, dest: str, fmt: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes end with one line on stderr and exit code 2, never a traceback."""
-    global _argv
+    global _argv, _computing
     _argv = list(sys.argv[1:] if argv is None else argv)
+    _computing = False
     try:
         cli.main(args=_argv, prog_name="bench", standalone_mode=False)
     except BenchError as exc:
@@ -377,13 +386,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"bench: error: {exc.format_message()}", err=True)
         sys.exit(2)
-    except OSError as exc:  # the machine's fault, found after work started (a full disk while caching a model)
+    except OSError as exc:  # the machine's fault (a full disk while caching a model), or a path no check caught
         where = f" ({exc.filename})" if exc.filename else ""
-        click.echo(f"bench: error: {os_reason(exc)}{where}; finished cells are stored, fix it and re-run the "
-                   f"command to resume", err=True)
+        click.echo(f"bench: error: {os_reason(exc)}{where}" + ("; finished cells are stored, fix it and re-run the "
+                                                               "command to resume" if _computing else ""), err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        click.echo("bench: interrupted; finished cells are stored, re-run the command to resume", err=True)
+        click.echo("bench: interrupted" + ("; finished cells are stored, re-run the command to resume"
+                                           if _computing else ""), err=True)
         sys.exit(130)
 
 

@@ -16,11 +16,14 @@ Ray is an optional extra (`pip install -e ".[ray]"`); nothing else in bnbench im
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import re
+import socket
 import tempfile
 import threading
 import time
@@ -40,8 +43,111 @@ HEARTBEAT_SECONDS = 5.0
 POLL_SECONDS = 1.0
 # what a worker may ask of the driver's database (everything runner.execute uses)
 STORE_METHODS = frozenset({"put_run", "put_meta", "put_cell", "put_requests", "put_failure", "clear_failure",
-                           "put_checks", "write_file", "read_file", "append_text", "finished", "runs", "cells",
-                           "requests", "failures", "checks"})
+                           "put_checks", "write_file", "has_file", "read_file", "append_text", "finished", "runs",
+                           "cells", "requests", "failures", "checks"})
+
+
+# --address: how long a head may take to accept a TCP connection, and ray.init to join what accepted it (the
+# bound takes effect when Ray's retry loop is next back in Python: within about 40 s more)
+CONNECT_SECONDS = 5.0
+JOIN_SECONDS = 60.0
+_HOST = r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
+_ADDRESS = re.compile(rf"(?P<client>ray://)?(?P<host>{_HOST}):(?P<port>[0-9]{{1,5}})")
+_KEYWORDS = ("auto", "local")
+
+
+def parse_address(address: str) -> tuple[str, int] | None:
+    """The (host, port) of `--address` HOST:PORT or ray://HOST:PORT; None for `auto` (the cluster this
+    machine joined) and `local` (Ray started here). Anything else is one line naming the forms."""
+    if address in _KEYWORDS:
+        return None
+    found = _ADDRESS.fullmatch(address)
+    if found is None or not 1 <= int(found["port"]) <= 65535:
+        raise BenchError(f"--address {address!r} is not a Ray address: give HOST:PORT of the cluster's head (e.g. "
+                         f"10.0.0.5:6379), ray://HOST:PORT (Ray Client), auto (the cluster this machine joined) or "
+                         f"local (Ray started here, as without --address)")
+    return found["host"].strip("[]"), int(found["port"])
+
+
+def _target(address: str) -> tuple[str, int]:
+    """Where Ray will connect for `address`: `auto` read from Ray's record of the cluster this machine
+    joined, and a local host name as Ray rewrites it (to this node's address)."""
+    if address.startswith("ray://"):  # Ray Client: the address as given
+        return parse_address(address)
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads it
+    except ImportError:  # pragma: no cover - another Ray version: the address as given
+        canonicalize_bootstrap_address = None
+    if canonicalize_bootstrap_address is not None:
+        try:
+            resolved = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # `auto`, and no cluster recorded or running here
+            raise BenchError(f"--address {address}: no Ray cluster found to join ({one_line(exc)})") from None
+        except Exception as exc:
+            raise BenchError(f"--address {address}: {one_line(exc)}") from None
+        if resolved is not None:
+            host, _, port = resolved.rpartition(":")
+            return host.strip("[]"), int(port)
+    parsed = parse_address(address)
+    if parsed is None:
+        raise BenchError(f"--address {address}: this Ray cannot tell which cluster that is; give HOST:PORT")
+    return parsed
+
+
+def require_reachable(address: str) -> None:
+    """Fail in seconds, with the address named, when nothing accepts a connection where Ray would connect
+    for `address`: Ray itself retries for many minutes, printing warnings."""
+    if address == "local":
+        return
+    require_ray()
+    host, port = _target(address)
+    where = f"{host}:{port}" + ("" if f"{host}:{port}" in address else f", where Ray looks for it")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
+    except socket.timeout:
+        reason = f"no answer within {CONNECT_SECONDS:g} s"
+    except socket.gaierror:
+        reason = f"host {host} not found"
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    else:
+        return
+    raise BenchError(f"--address {address}: no Ray cluster can be reached at {where} ({reason}); start one there "
+                     f"(ray start --head) or give its head's HOST:PORT")
+
+
+def join(ray, address: str, **options) -> None:
+    """ray.init(address) for a sweep's cluster; whatever keeps it from joining is one line naming the address.
+    Bounded (from the main thread, which the bound interrupts): something that accepts connections but is no
+    Ray head would keep ray.init retrying for many minutes."""
+    lock, expired, joined = threading.Lock(), threading.Event(), False
+
+    def expire() -> None:
+        with lock:
+            if not joined:
+                expired.set()
+                _thread.interrupt_main()
+
+    timer = threading.Timer(JOIN_SECONDS, expire) if threading.current_thread() is threading.main_thread() else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        ray.init(address=address, **options)
+        with lock:
+            joined = True
+    except KeyboardInterrupt:
+        if not expired.is_set():  # the user's Ctrl-C
+            raise
+        ray.shutdown()
+        raise BenchError(f"--address {address}: no Ray cluster answered within {JOIN_SECONDS:g} s (something "
+                         f"accepts connections there, but not as a Ray head)") from None
+    except Exception as exc:  # ConnectionError (an OSError: it would read as a local file's fault), ...
+        ray.shutdown()
+        raise BenchError(f"--address {address}: Ray could not join the cluster there ({one_line(exc)})") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def require_ray():
@@ -258,7 +364,8 @@ def _portable(request):
 def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_job: float, quiet: bool,
         gpus_per_job: float = 1) -> list[dict]:
     """Run the jobs on Ray; returns one result per job in sweep order, as the local executor does. Jobs on a
-    GPU ask for `gpus_per_job` of one (a fraction lets small jobs share it)."""
+    GPU ask for `gpus_per_job` of one (a fraction lets small jobs share it). `address`: checked by the caller
+    (parse_address, require_reachable) before any job was prepared."""
     ray = require_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
@@ -281,9 +388,11 @@ def run(todo: list, prepared: list, out: str, *, address: str | None, cpus_per_j
     env = {k: os.environ[k] for k in ("BENCH_DATA_DIR",) if k in os.environ}
     # Ray on this machine only, for this sweep: no dashboard to pay for, and "local" so that Ray does not join
     # the cluster recorded in its current-cluster file (another program's, or a dead one's: it would hang)
-    started_here = address is None
-    ray.init(address="local" if started_here else address, log_to_driver=False, configure_logging=False,
-             **({"include_dashboard": False} if started_here else {}))
+    started_here = address in (None, "local")
+    if started_here:
+        ray.init(address="local", log_to_driver=False, configure_logging=False, include_dashboard=False)
+    else:
+        join(ray, address, log_to_driver=False, configure_logging=False)
     try:
         asks = {todo[i].request.device for i in pending_jobs}
         gpus = gpus_per_job if any(d.startswith("cuda") for d in asks) or (

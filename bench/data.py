@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import BenchError, did_you_mean, unknown
+from bench.errors import BenchError, did_you_mean, os_reason, unknown
 from bench.params import Param, convert, exact_text, parse_item
 
 
@@ -65,6 +65,10 @@ DATASETS = {
     "tinyimagenet": DatasetSpec(3, 64, 200, 8 / 255, 0.5, 4, True, (0.4802, 0.4481, 0.3975),
                                 (0.2770, 0.2691, 0.2821)),
 }
+
+# The most classes a dataset may have: beyond any classification benchmark (ImageNet-21k has 21,843). A larger
+# label is a corrupt or mislabelled file, not a class: the model's last layer would be built that wide.
+MAX_CLASSES = 100_000
 
 # Official archives. The URL table is module-level so tests can point it at local files.
 ARCHIVES = {
@@ -248,7 +252,11 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, n_train: int |
             raise BenchError(f"{key} must be >= 1 (or none for all images), got {value}")
     source = resolve(name)
     root = None if data_dir is None else Path(data_dir).expanduser()
-    raw = source.loader(DataRequest(source.name, root, dict(source.options), n_train, n_test))
+    try:
+        raw = source.loader(DataRequest(source.name, root, dict(source.options), n_train, n_test))
+    except OSError as exc:  # a path that cannot be used (too long, unreadable): nothing has run yet
+        where = exc.filename if exc.filename is not None else root
+        raise BenchError(f"dataset '{source.label}': {where}: {os_reason(exc)} (nothing has run)") from None
     if not isinstance(raw, LoadedData):
         raise BenchError(f"dataset '{source.name}': its loader returned {type(raw).__name__}, not LoadedData")
     label = source.label
@@ -344,6 +352,8 @@ def _complete_spec(label: str, spec: DatasetSpec, splits: list, train) -> Datase
             raise BenchError(f"{label}: spec {key} must be a positive integer, got {getattr(spec, key)!r}")
     if spec.num_classes < 2:
         raise BenchError(f"{label}: {spec.num_classes} class; classification needs at least 2")
+    if spec.num_classes > MAX_CLASSES:  # the model's last layer would be built that wide
+        raise BenchError(f"{label}: {spec.num_classes:,} classes; at most {MAX_CLASSES:,} are supported")
     if not spec.mean or not spec.std:
         x = (train or splits[0])[0]
         if len(x) == 0:
@@ -423,6 +433,10 @@ def tensors_from_arrays(arrays: dict, where: str, *, layout: str = "auto", num_c
             raise BenchError(f"{where}: {len(x)} images in '{kx}' but {len(y)} labels in '{ky}'")
         if len(y) and y.min() < 0:
             raise BenchError(f"{where}: '{ky}' holds the negative label {int(y.min())}; labels are 0..classes-1")
+        if len(y) and int(y.max()) >= MAX_CLASSES:  # (before the cast to int64, which would wrap a uint64)
+            raise BenchError(f"{where}: '{ky}' holds the label {int(y.max())}; labels are class numbers "
+                             f"0..classes-1, and at most {MAX_CLASSES:,} classes are supported (a corrupt or "
+                             f"mislabelled file?)")
         x = np.ascontiguousarray(x)
         for part in (split, x.dtype.str, x.shape, x.tobytes(), y.astype(np.int64).tobytes()):
             digest.update(str(part).encode() if not isinstance(part, bytes) else part)

@@ -38,11 +38,27 @@ class CellResult:
 RANDOMIZED_REPEATS = 10
 
 
+class NonFiniteLogits(RuntimeError):
+    """The defended model answered with NaN or infinite logits: its argmax (class 0 for NaN) is no prediction,
+    so the cell fails rather than score it."""
+
+
+def _predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    finite = torch.isfinite(logits).all(1)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteLogits(f"the defended model returned non-finite logits (NaN or inf) for {bad} of {len(x)} "
+                              f"images of a batch; its predictions would mean nothing, so the cell is not scored")
+    return logits.argmax(1)
+
+
 @torch.no_grad()
 def verdict(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 1) -> torch.Tensor:
     """Per-sample correctness from full-batch forwards: (repeats, batch). A randomized defense is asked
-    `repeats` times; its flag is the majority, and the spread of the repeats is reported."""
-    return torch.stack([model(x).argmax(1) == y for _ in range(repeats)])
+    `repeats` times; its flag is the majority, and the spread of the repeats is reported. Non-finite logits
+    raise NonFiniteLogits."""
+    return torch.stack([_predictions(model, x) == y for _ in range(repeats)])
 
 
 def _combine(per_repeat: list[torch.Tensor]) -> tuple[np.ndarray, dict]:

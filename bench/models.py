@@ -365,8 +365,8 @@ def build_model(name: str, spec, normalize: tuple | None = None) -> nn.Module:
 
 
 def check_outputs(model: nn.Module, name: str, spec) -> None:
-    """A model of the run's data answers two images (in eval mode) with (2, num_classes) logits, or this
-    says what it does instead, on one line."""
+    """A model of the run's data answers two images (in eval mode) with (2, num_classes) finite logits, or
+    this says what it does instead, on one line."""
     x = torch.rand(2, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
     was_training = model.training
     try:
@@ -381,6 +381,9 @@ def check_outputs(model: nn.Module, name: str, spec) -> None:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise BenchError(f"model '{name}' must return logits of shape (batch, {spec.num_classes}) for this data, "
                          f"got {got}")
+    if not bool(torch.isfinite(out).all()):  # every prediction would be argmax(NaN): class 0, read as accuracy
+        raise BenchError(f"model '{name}' returns non-finite logits (NaN or inf) for a batch of images of shape "
+                         f"{tuple(x.shape)}; its predictions would mean nothing")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,20 +10,33 @@ classes evenly; only those are decoded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import os
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.data import DATASETS, DataRequest, DatasetSpec, LoadedData, _find_folder, tensors_from_arrays
+from bench.checkpoints import load_weights_only, unusable_tensor
+from bench.data import DATASETS, MAX_CLASSES, DataRequest, DatasetSpec, LoadedData, _find_folder, tensors_from_arrays
 from bench.errors import BenchError
 from bench.params import Param
 
 # what the `mode` option and the data decide: Pillow's mode for each channel count
 MODES = {"L": 1, "RGB": 3}
-GREY = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+GREY = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# integer modes of more than 8 bits (16-bit PNG and TIFF): scaled from 0..65535 to [0, 1], never clipped to 255
+DEEP = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+DEEP_MAX = 65535
+# The most pixels an image may declare. A header is checked before anything is decoded: a file of a few
+# hundred bytes can claim 30000 x 30000 pixels, gigabytes once decoded (a decompression bomb).
+MAX_SIDE = 8192
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 
 def _pillow():
@@ -34,6 +47,33 @@ def _pillow():
     return Image, UnidentifiedImageError
 
 
+def _too_large(path: Path, where: str, pixels: int | None) -> BenchError:
+    claimed = f"declares {pixels:,} pixels" if pixels else "declares more pixels than Pillow allows"
+    return BenchError(f"{where}: {path} {claimed}, over the limit of {MAX_PIXELS:,} ({MAX_SIDE}x{MAX_SIDE}) an "
+                      f"image may have; refused unread (a decompression bomb or a corrupt header)")
+
+
+@contextlib.contextmanager
+def _opened(path: Path, where: str, failure: str):
+    """The image at `path`, its header read and its size checked against MAX_PIXELS before any pixel is
+    decoded; a file Pillow cannot read is one BenchError ending `failure`'s words."""
+    Image, Unidentified = _pillow()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused while opening
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, where, int(found.group(1)) if found else None) from None
+    except (Unidentified, OSError, ValueError) as exc:
+        raise BenchError(f"{where}: {path} {failure} ({type(exc).__name__})") from None
+    with im:
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise _too_large(path, where, width * height)
+        yield im
+
+
 def _interleaved(per_class: list[list[Path]]) -> list[tuple[Path, int]]:
     """(file, label) with the classes interleaved: image i of every class before image i + 1 of any."""
     longest = max((len(files) for files in per_class), default=0)
@@ -42,31 +82,48 @@ def _interleaved(per_class: list[list[Path]]) -> list[tuple[Path, int]]:
 
 def _headers(items: list[tuple[Path, int]], where: str) -> list[tuple[str, tuple[int, int]]]:
     """Mode and size of every image, from its header only; a file that is not an image is named."""
-    Image, Unidentified = _pillow()
     out = []
     for path, _ in items:
-        try:
-            with Image.open(path) as im:
-                out.append((im.mode, im.size))
-        except (Unidentified, OSError, ValueError) as exc:
-            raise BenchError(f"{where}: {path} is not an image Pillow can read ({type(exc).__name__})") from None
+        with _opened(path, where, "is not an image Pillow can read") as im:
+            out.append((im.mode, im.size))
     return out
 
 
+def _pixels(im, mode: str, side: int, what: str) -> np.ndarray:
+    """One image as (C, side, side): uint8 0..255, or float32 in [0, 1] for a 16-bit one (its 65536 levels
+    kept, not clipped to 255)."""
+    Image, _ = _pillow()
+    if im.mode in DEEP:
+        grey = im.convert("F")  # exact for 16-bit values
+        low, high = grey.getextrema()
+        if low < 0 or high > DEEP_MAX:  # (mode I is 32-bit: only 16-bit values have a known full scale)
+            raise BenchError(f"{what} has {im.mode} pixels over {low:g}..{high:g}; integer images of more than "
+                             f"8 bits are read as 16-bit, 0..{DEEP_MAX}")
+        if grey.size != (side, side):
+            grey = grey.resize((side, side), Image.BILINEAR)
+        values = np.asarray(grey, dtype=np.float32) / DEEP_MAX
+        return np.repeat(values[None], MODES[mode], axis=0)
+    im = im.convert(mode)
+    if im.size != (side, side):
+        im = im.resize((side, side), Image.BILINEAR)
+    pixels = np.asarray(im, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
 def read_images(items: list[tuple[Path, int]], where: str, *, mode: str, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode `items` into (N, C, side, side) uint8 (resized where an image differs) and int64 labels."""
-    Image, Unidentified = _pillow()
+    """Decode `items` into (N, C, side, side) (resized where an image differs) and int64 labels: uint8, or
+    float32 in [0, 1] when any image has 16-bit pixels."""
+    _, Unidentified = _pillow()
     x = np.empty((len(items), MODES[mode], side, side), dtype=np.uint8)
     for i, (path, _) in enumerate(items):
-        try:
-            with Image.open(path) as im:
-                im = im.convert(mode)
-                if im.size != (side, side):
-                    im = im.resize((side, side), Image.BILINEAR)
-                pixels = np.asarray(im, dtype=np.uint8)
-        except (Unidentified, OSError, ValueError) as exc:
-            raise BenchError(f"{where}: {path} could not be decoded ({type(exc).__name__}: {exc})") from None
-        x[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        with _opened(path, where, "could not be decoded") as im:
+            try:
+                pixels = _pixels(im, mode, side, f"{where}: {path}")
+            except (Unidentified, OSError, ValueError) as exc:
+                raise BenchError(f"{where}: {path} could not be decoded ({type(exc).__name__}: {exc})") from None
+        if pixels.dtype == np.float32 and x.dtype == np.uint8:  # the first 16-bit image: all as float in [0, 1]
+            x = x.astype(np.float32) / 255.0
+        x[i] = pixels if pixels.dtype == x.dtype else pixels.astype(np.float32) / 255.0
     return x, np.array([label for _, label in items], dtype=np.int64)
 
 
@@ -196,7 +253,7 @@ def tensors(request: DataRequest) -> LoadedData:
 tensors.options = {
     "layout": Param("auto", "image layout: nchw, nhwc, or auto (the axis of size 1 or 3 is the channels)",
                     choices=("auto", "nchw", "nhwc")),
-    "num_classes": Param(None, "number of classes (none: the largest label + 1)", kind=int, low=2),
+    "num_classes": Param(None, "number of classes (none: the largest label + 1)", kind=int, low=2, high=MAX_CLASSES),
     "mean": MEAN, "std": STD,
 }
 
@@ -205,6 +262,7 @@ def _npz(path: Path, where: str) -> dict:
     if not zipfile.is_zipfile(path):  # np.load would take it for a pickle (and refuse it as one)
         raise BenchError(f"{where} is not a readable .npz file (not a zip archive of .npy arrays)")
     try:
+        _check_npz_sizes(path, where)
         with np.load(path, allow_pickle=False) as archive:  # pickled objects could run code: never loaded
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:
@@ -216,13 +274,64 @@ def _npz(path: Path, where: str) -> dict:
         raise BenchError(f"{where} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
-def _pt(path: Path, where: str) -> dict:
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the system tells it."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for foreign or corrupt files
-        reason = " ".join(str(exc).split())[:200]
-        raise BenchError(f"{where} could not be loaded with weights_only=True (tensors only): "
-                         f"{type(exc).__name__}: {reason}") from None
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _npy_header(fh) -> tuple[tuple, np.dtype]:
+    """Shape and dtype from the header of the .npy stream `fh` (left at the start of the data)."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = fmt.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = fmt.read_array_header_2_0(fh)
+    else:  # 3.0 (utf-8 field names): only numpy's internal reader knows it
+        shape, _, dtype = fmt._read_array_header(fh, version)
+    return shape, dtype
+
+
+def _check_npz_sizes(path: Path, where: str) -> None:
+    """Before anything is allocated: each array's header (shape x item size) must fit in the bytes its member
+    holds -- an .npz is a zip, maybe compressed, so the member's uncompressed size from the zip directory --
+    and all members together in this machine's memory. A header of a few bytes can claim terabytes."""
+    with zipfile.ZipFile(path) as archive:
+        members = [info for info in archive.infolist() if not info.is_dir()]
+        for info in members:
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-len(".npy")]
+            with archive.open(info) as fh:
+                shape, dtype = _npy_header(fh)
+                holds = info.file_size - fh.tell()
+            if any(d < 0 for d in shape):
+                raise BenchError(f"{where}: '{name}' declares the shape {shape}, with a negative size")
+            if dtype.hasobject:  # refused by np.load, unallocated: no size to check
+                continue
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > holds:
+                raise BenchError(f"{where}: '{name}' declares shape {shape} of {dtype} ({_size(declared)}) but "
+                                 f"holds {_size(holds)}; refused before allocating (a corrupt or crafted header)")
+    total, memory = sum(info.file_size for info in members), _memory_bytes()
+    if memory is not None and total > memory:
+        raise BenchError(f"{where} unpacks to {_size(total)}, more than this machine's {_size(memory)} of memory; "
+                         f"refused before allocating")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 10 ** 12), ("GB", 10 ** 9), ("MB", 10 ** 6), ("kB", 10 ** 3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _pt(path: Path, where: str) -> dict:
+    obj = load_weights_only(path.read_bytes(), where, "save a dict of plain tensors (x, y or x_train, y_train, "
+                                                      "x_test, y_test)")
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise BenchError(f"{where} holds a {type(obj).__name__}; expected a dict of tensors (x, y or x_train, "
                          f"y_train, x_test, y_test)")
@@ -230,7 +339,16 @@ def _pt(path: Path, where: str) -> dict:
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise BenchError(f"{where}: '{key}' is a {type(value).__name__}, not a tensor")
-        out[key] = value.detach().cpu().numpy()
+        problem = unusable_tensor(value)
+        if problem:
+            raise BenchError(f"{where}: '{key}' is {problem}; save a dense tensor with its values")
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+            value = value.float()  # bf16, fp16, fp8: numpy holds some of them, or none; float32 holds them all
+        try:
+            out[key] = value.detach().cpu().numpy()
+        except (TypeError, RuntimeError) as exc:  # a dtype numpy has no counterpart for (complex32, uint16...)
+            raise BenchError(f"{where}: '{key}' is a tensor of {value.dtype}, which cannot be read as numbers "
+                             f"here ({exc}); save it as uint8 or float32") from None
     return out
 
 

@@ -24,9 +24,10 @@ import itertools
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from bench import config as config_mod
-from bench.errors import BenchError
+from bench.errors import BenchError, os_reason
 
 # The run settings a sweep file takes (config.SETTINGS, `sweep`), and its own keys: the axes (one run per
 # value) and the grid's structure.
@@ -133,7 +134,8 @@ def select(todo: list[Job], shard: str | None) -> list[Job]:
     return todo[i - 1::n]
 
 
-def _prepare(todo: list[Job], executor: str) -> list:
+def _prepare(todo: list[Job], executor: str, *, read_only: bool = False) -> list:
+    """Every job validated and prepared (`read_only`: to read its state, not to run it)."""
     from bench import runner
 
     out = []
@@ -142,22 +144,31 @@ def _prepare(todo: list[Job], executor: str) -> list:
         if executor == "ray" and str(req.device).startswith("cuda"):
             # the driver may have no GPU: validate here on the CPU (the device is outside a run's identity)
             req = dataclasses.replace(req, device="cpu")
-        out.append(runner.prepare(req))
+        try:
+            out.append(runner.prepare(req, read_only=read_only))
+        except OSError as exc:  # a path of the job's that cannot be used: found before any job ran
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise BenchError(f"sweep job '{job.label}': {os_reason(exc)}{where}; nothing has run") from None
     return out
 
 
 def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_run: bool = False,
         executor: str = "local", address: str | None = None, shard: str | None = None,
-        cpus_per_job: float = 1, gpus_per_job: float = 1) -> list[dict]:
-    """Validate every job, then run them (in order here, or as Ray tasks) with one progress bar for the grid."""
+        cpus_per_job: float = 1, gpus_per_job: float = 1, on_start: Callable[[], None] | None = None) -> list[dict]:
+    """Validate every job, then run them (in order here, or as Ray tasks) with one progress bar for the grid.
+    `on_start` is called once every job is validated, as the first one starts."""
     from tqdm.auto import tqdm
 
-    from bench import runner
+    from bench import cluster, runner
 
     if executor not in ("local", "ray"):
         raise BenchError(f"--executor must be local or ray, got '{executor}'")
     if address is not None and executor != "ray":
         raise BenchError("--address is for --executor ray")
+    if address is not None:
+        cluster.parse_address(address)
+        if not dry_run:  # in seconds, not after preparing every job (nor after Ray's minutes of retries)
+            cluster.require_reachable(address)
     if not cpus_per_job > 0:
         raise BenchError(f"--cpus-per-job must be > 0, got {cpus_per_job}")
     if not (0 < gpus_per_job <= 1 or float(gpus_per_job).is_integer()):  # Ray's rule for fractional GPUs
@@ -168,9 +179,9 @@ def run(path: str | Path, *, out: str | None = None, quiet: bool = False, dry_ru
         return [{"label": j.label, "command": j.request.command, "run_id": p.config.run_id} for j, p in zip(todo, prepared)]
     if not todo:
         return []
+    if on_start is not None:
+        on_start()
     if executor == "ray":
-        from bench import cluster
-
         return cluster.run(todo, prepared, prepared[0].config.out, address=address, cpus_per_job=cpus_per_job,
                            gpus_per_job=gpus_per_job, quiet=quiet)
     results = []
@@ -190,7 +201,7 @@ def status(path: str | Path, *, out: str | None = None, shard: str | None = None
     from bench.store import DB_NAME, Store
 
     todo = select(jobs(path, out=out), shard)
-    prepared = _prepare(todo, "ray")
+    prepared = _prepare(todo, "ray", read_only=True)  # read-only results can be looked at, as reported
     rows = []
     db = Path(prepared[0].config.out) / DB_NAME if prepared else None
     store = Store(db.parent, create=False) if db is not None and db.is_file() else None

@@ -66,7 +66,7 @@ CASES = {
     "corrupt data dir": (lambda t: ["--defense", "pgd_at", "--dataset", "cifar10", "--data-dir",
                                     _corrupt_data_dir(t)], "is corrupt or not in the CIFAR pickle layout"),
     "corrupt checkpoint": (lambda t: ["--defense", "pgd_at", "--base-checkpoint", _garbage_checkpoint(t)],
-                           "is corrupt or not a PyTorch state dict"),
+                           "is corrupt or not a PyTorch file"),
     "mismatched checkpoint": (lambda t: ["--defense", "pgd_at", "--base-checkpoint", _foreign_checkpoint(t)],
                               "does not fit tiny_cnn"),
     "missing checkpoint": (lambda t: ["--defense", "pgd_at", "--base-checkpoint", t / "none.pt"], "does not exist"),
