@@ -25,7 +25,7 @@ from bench.crafted import CraftedCache
 from bench.contract import ADAPTIVE, PAPER, Attack, Defended, Defense, Surrogate, surrogate_of
 from bench.params import added_at_default, parse_item, resolve_params
 from bench.config import RUN_INFO, AttackSpec, RunConfig
-from bench.errors import BenchError
+from bench.errors import BenchError, os_reason
 from bench.evaluator import CellResult, attack_cell, clean_cell
 from bench.stats import robust_cells, worst_case
 from bench.store import Store, require_writable
@@ -190,7 +190,9 @@ def _load_data(dataset: str, data_dir: str | None, n_train, n_val, n_test) -> da
     return data_mod.load(dataset, data_dir, n_train=n_train, n_val=n_val, n_test=n_test)
 
 
-def prepare(req: Request) -> Prepared:
+def prepare(req: Request, *, read_only: bool = False) -> Prepared:
+    """Validate a request and load what it needs; `read_only`: only to read results (`bench sweep --status`),
+    so the output directory need not be writable."""
     # a model given without a defense is evaluated as it is
     defense_name = req.defense or ("as_is" if req.arch else None)
     if not defense_name:
@@ -253,7 +255,7 @@ def prepare(req: Request) -> Prepared:
         labels.add(spec.label)
         attacks.append((spec, attack))
 
-    out = require_writable(req.out)
+    out = Path(req.out).expanduser() if read_only else require_writable(req.out)
     if req.base_checkpoints or not models.is_builtin(arch):
         # the user's factory runs and its model answers a batch as a classifier of this data, or we say why
         probe = models.build_model(arch, data.spec, normalize)
@@ -367,7 +369,11 @@ class Failure:
     error: str  # "ExcType: message", one line
 
     def line(self) -> str:
-        return f"bench: {self.plugin} failed: {self.error}"
+        """What the user reads: one line whatever the plugin's name or message hold (a sweep job's label, an
+        error from a worker, are quoted as given)."""
+        from bench.errors import one_line
+
+        return one_line(f"bench: {self.plugin} failed: {self.error}")
 
 
 def execute(prep: Prepared, *, quiet: bool = False, store: Store | None = None) -> dict:
@@ -381,11 +387,14 @@ def execute(prep: Prepared, *, quiet: bool = False, store: Store | None = None) 
     store = Store(cfg.out) if own_store else store
     failures: list[Failure] = []
     try:
-        finished = store.finished(run_id)
         known = {r["run_id"]: r for r in store.runs() if r["run_id"] == run_id}
         attacks, protocol, wanted = cells_wanted(prep, known.get(run_id))
         if run_id in known:  # a new run records its request once it exists (after the build, in _evaluate)
             store.put_requests(run_id, requested(attacks, protocol))
+        finished, missing = finished_cells(prep, store, wanted)
+        if missing:
+            log.info("run %s: %d finished cell(s) have no saved adversarial images (%s): attacking them again "
+                     "to save them", run_id[:10], len(missing), ", ".join(f"{a} ({p})" for a, p in missing))
         todo = [cell for cell in wanted if cell not in finished]
         done_before = len(wanted) - len(todo)
         if done_before:
@@ -417,12 +426,23 @@ def cells_wanted(prep: Prepared, run: dict | None) -> tuple[list, str, list[tupl
     return attacks, protocol, [(CLEAN, NO_PROTOCOL)] + [(spec.label, protocol) for spec, _ in attacks]
 
 
+def finished_cells(prep: Prepared, store: Store, wanted: list[tuple[str, str]]) -> tuple[set, list]:
+    """The stored cells of the job's run, less those of `wanted` whose `--save-adversarial` images are missing
+    (deleted, or stored before the option was given): those are attacked again to save them, and returned
+    too."""
+    finished = store.finished(prep.config.run_id)
+    if not prep.config.save_adversarial:
+        return finished, []
+    missing = unsaved(store, prep.config.run_id, [cell for cell in wanted if cell in finished])
+    return finished - set(missing), missing
+
+
 def job_state(prep: Prepared, store: Store) -> tuple[int, int, int]:
     """(cells wanted, finished, failed) of a job in `store`: what `bench sweep --status` shows."""
     run_id = prep.config.run_id
     run = next((r for r in store.runs() if r["run_id"] == run_id), None)
     _, _, wanted = cells_wanted(prep, run)
-    finished = store.finished(run_id)
+    finished, _ = finished_cells(prep, store, wanted)
     failed = {(f["cell"], f["protocol"]) for f in store.failures(run_id)}
     done = sum(cell in finished for cell in wanted)
     broken = (BUILD, NO_PROTOCOL) in failed or any(cell in failed for cell in wanted if cell not in finished)
@@ -600,6 +620,8 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
             # this cell fails, the next attacks still run
             _failed(store, prep, failures, "attack", spec.name, spec.label, protocol, exc)
             continue
+        if cfg.save_adversarial:  # the cell's file first: a stored cell of this run always has its images
+            save_adversarial(store, run_id, spec.label, protocol, res, test.y)
         store.put_cell(run_id, attack=spec.label, protocol=protocol, name=spec.name, params=dict(attack.params),
                        norm=attack.norm, eps=attack.eps, threat=attack.threat, flags=res.flags,
                        seconds=res.seconds, extra=res.extra)
@@ -607,28 +629,53 @@ def _evaluate(prep: Prepared, store: Store, run_id: str, finished: set, quiet: b
                  res.seconds, f", images crafted by run {reuse.run_id[:10]}" if reuse is not None else "")
         if crafted is not None and reuse is None and res.adversarial is not None:
             crafted.save(key, res.adversarial, res.attack_extra, res.extra["state_changed"], res.seconds, run_id)
-        if cfg.save_adversarial and res.adversarial is not None:
-            save_adversarial(store, run_id, spec.label, protocol, res, test.y)
 
 
 ADVERSARIAL = "adversarial"
+NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, APFS, NTFS)
 
 
 def adversarial_path(out: Path, run_id: str, label: str, protocol: str) -> Path:
-    """Where `--save-adversarial` keeps a cell's images: OUT/adversarial/<run id>/<label>.<protocol>.npz."""
+    """Where `--save-adversarial` keeps a cell's images: OUT/adversarial/<run id>/<label>.<protocol>.npz, the
+    label and protocol with what a file name cannot hold as '_'. A name longer than a file name can be is
+    cut, with a digest of the label and protocol after it, so that every cell can be saved."""
     safe, kind = (re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text) for text in (label, protocol))
-    return Path(out) / ADVERSARIAL / run_id[:16] / f"{safe}.{kind}.npz"
+    name = f"{safe}.{kind}.npz"
+    if len(name) > NAME_MAX:  # (ASCII only: one byte a character)
+        import hashlib
+
+        digest = hashlib.sha256(f"{label}\0{protocol}".encode()).hexdigest()[:16]
+        name = f"{name[:NAME_MAX - len(digest) - len('-.npz')]}-{digest}.npz"
+    return Path(out) / ADVERSARIAL / run_id[:16] / name
+
+
+def unsaved(store: Store, run_id: str, cells: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The attacked cells among `cells` whose `--save-adversarial` file is missing (deleted, or stored
+    before the option was given): they are attacked again to save it."""
+    return [(label, protocol) for label, protocol in cells if label != CLEAN
+            and not store.has_file(str(adversarial_path(Path("."), run_id, label, protocol)))]
 
 
 def save_adversarial(store: Store, run_id: str, label: str, protocol: str, res: CellResult, y: torch.Tensor) -> None:
     """The cell's adversarial images (float32, exactly as attacked), labels and per-sample verdicts, in one
-    compressed npz that the store writes completely or not at all."""
+    compressed npz that the store writes completely or not at all, before the cell is stored."""
     import io
 
+    relpath = str(adversarial_path(Path("."), run_id, label, protocol))
+    if res.adversarial is None:  # (an attack over no images) nothing to save: say so rather than store it
+        raise BenchError(f"cell {label} ({protocol}): no adversarial images came back to save in {relpath}; "
+                         f"the cell was not stored")
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x_adv=res.adversarial.float().numpy(), y=y.cpu().numpy(), correct=res.flags,
                         attack=np.array(label), protocol=np.array(protocol))
-    store.write_file(str(adversarial_path(Path("."), run_id, label, protocol)), buffer.getvalue())
+    try:
+        store.write_file(relpath, buffer.getvalue())
+    except OSError as exc:
+        where = getattr(store, "path", None)  # (a worker's store is the driver's: its path is there)
+        raise BenchError(f"cannot save the adversarial images of cell {label} ({protocol}) to "
+                         f"{where.parent / relpath if where is not None else relpath}: {os_reason(exc)}; the "
+                         f"cell was not stored (re-run the command once it can be written: it is attacked "
+                         f"again)") from None
 
 
 def check_attacks() -> list[str]:

@@ -2,17 +2,20 @@
 
 A run is one (defense, params, preset, data, seed) configuration; a cell is one (run, attack, protocol)
 evaluation. Each finished cell is committed in its own transaction, so a killed run loses only the cell
-in progress and a re-run skips every finished one.
+in progress and a re-run skips every finished one; a write of several rows that belong together (a merge)
+is one `Store.transaction()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import re
 import sqlite3
+import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
@@ -159,6 +162,7 @@ class Store:
             raise BenchError(f"output directory {self.path.parent} is not writable ({os_reason(exc)})") from None
         conn.row_factory = sqlite3.Row
         self.conn = _Guarded(conn, self.path)
+        self._in_transaction = False  # inside transaction(): the put_* methods do not commit
         try:
             self._open(writing=create)
         except BenchError:
@@ -232,6 +236,34 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """Every write inside is committed together when the block ends, or none is: an exception rolls
+        them back, and a kill (SIGKILL, power loss) leaves a journal that SQLite rolls back on the next
+        open. The write lock is taken first, so what the block reads stays true until its commit."""
+        if self._in_transaction:  # part of the enclosing one
+            yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_transaction = True
+        try:
+            yield self
+            self.conn.commit()
+        finally:
+            self._in_transaction = False
+            if self.conn.in_transaction:  # the block raised (or the commit failed): none of it is kept
+                with contextlib.suppress(BenchError):
+                    self.conn.rollback()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """One put_* call: its own transaction, or its part of the enclosing `transaction()`."""
+        if self._in_transaction:
+            yield
+        else:
+            with self.conn:
+                yield
+
     # -- writing -------------------------------------------------------------------------------------
 
     def put_run(self, row: dict[str, Any]) -> None:
@@ -244,7 +276,7 @@ class Store:
         # a re-run rebuilds from caches in seconds: keep the build time of the run that computed it
         updates = ", ".join(f"{k}=MAX({k}, excluded.{k})" if k == "build_seconds" else f"{k}=excluded.{k}"
                             for k in row if k not in ("run_id", "created"))
-        with self.conn:
+        with self._writing():
             self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks}) "
                               f"ON CONFLICT(run_id) DO UPDATE SET {updates}", list(row.values()))
 
@@ -253,16 +285,16 @@ class Store:
         row = self.conn.execute("SELECT info FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
             return
-        info = _loads(self.path, row[0], f"runs.info of run {run_id}")
+        info = _json_object(self.path, row[0], f"runs.info of run {_run_shown(run_id)}")
         info.setdefault(key, {}).setdefault("meta", {}).update(meta)
-        with self.conn:
+        with self._writing():
             self.conn.execute("UPDATE runs SET info=? WHERE run_id=?",
                               (json.dumps(info, sort_keys=True, default=to_json), run_id))
 
     def put_cell(self, run_id: str, *, attack: str, protocol: str, name: str, params: dict, norm: str,
                  eps: float, threat: str, flags: np.ndarray, seconds: float, extra: dict) -> None:
         flags = np.asarray(flags, dtype=bool)
-        with self.conn:
+        with self._writing():
             self.conn.execute(
                 "INSERT OR REPLACE INTO cells (run_id, attack, protocol, name, params, norm, eps, threat, n, "
                 "correct, flags, seconds, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -276,37 +308,50 @@ class Store:
     def put_requests(self, run_id: str, cells: Iterable[tuple[str, str, str]]) -> None:
         """(attack, protocol, threat) cells a run was asked for: a cell requested but never stored (a run
         killed mid-way, or a failed plugin) marks the run incomplete instead of leaving it looking whole."""
-        with self.conn:
+        with self._writing():
             self.conn.executemany(
                 "INSERT OR IGNORE INTO requests (run_id, attack, protocol, threat, created) VALUES (?,?,?,?,?)",
                 [(run_id, attack, protocol, threat, time.time()) for attack, protocol, threat in cells])
 
     def put_failure(self, run_id: str, *, cell: str, protocol: str, plugin: str, error: str, defense: str) -> None:
         """A plugin that raised on this cell (or BUILD_FAILED: on the defense); cleared when the cell is stored."""
-        with self.conn:
+        with self._writing():
             self.conn.execute(
                 "INSERT OR REPLACE INTO failures (run_id, cell, protocol, plugin, error, defense, created) "
                 "VALUES (?,?,?,?,?,?,?)", (run_id, cell, protocol, plugin, error, defense, time.time()))
 
     def clear_failure(self, run_id: str, cell: str, protocol: str) -> None:
-        with self.conn:
+        with self._writing():
             self.conn.execute("DELETE FROM failures WHERE run_id=? AND cell=? AND protocol=?", (run_id, cell, protocol))
 
     def put_checks(self, run_id: str, results: Iterable[tuple[str, str, str, str]]) -> None:
         """(name, status, detail, flag) rows; a check stored again replaces its earlier result."""
-        with self.conn:
+        with self._writing():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO checks (run_id, name, status, detail, flag, created) VALUES (?,?,?,?,?,?)",
                 [(run_id, name, status, detail, flag, time.time()) for name, status, detail, flag in results])
 
     def write_file(self, relpath: str, data: bytes) -> None:
-        """A file that belongs with the results (a cell's adversarial images), written under a temporary name
-        and renamed, so a file that exists is complete. Runs on another machine send it here."""
+        """A file that belongs with the results (a cell's adversarial images): written under a temporary name,
+        flushed to the disk and renamed, so a file that exists is complete, even after a crash; a failed
+        write (a full disk) leaves no partial file behind. Runs on another machine send it here."""
         path = self._inside(relpath)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        # a short temporary name: the file's own may already take the 255 bytes a name can have
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        _fsync_dir(path.parent)  # the rename itself reaches the disk before the cell that owns it is stored
+
+    def has_file(self, relpath: str) -> bool:
+        """Whether `write_file` wrote `relpath` (without reading it)."""
+        return self._inside(relpath).is_file()
 
     def read_file(self, relpath: str) -> bytes | None:
         """A file `write_file` wrote (None if absent): runs on another machine read it through here too."""
@@ -334,9 +379,11 @@ class Store:
     def runs(self) -> list[dict]:
         out = []
         for r in self.conn.execute("SELECT * FROM runs ORDER BY created"):
-            d = dict(r)
+            d = _typed(self.path, "runs", dict(r))
+            where = f"run {_run_shown(d['run_id'])}"
             for key in ("params", "config", "info"):
-                d[key] = _loads(self.path, d[key], f"runs.{key} of run {d['run_id']}")
+                d[key] = _json_object(self.path, d[key], f"runs.{key} of {where}")
+            _check_identity(self.path, d["config"], f"runs.config of {where}")
             out.append(d)
         return out
 
@@ -347,26 +394,42 @@ class Store:
         out = []
         with closing(self.conn.execute(query + " ORDER BY created", args)) as cur:
             for r in cur:
-                d = dict(r)
-                where = f"cell {d['attack']} of run {d['run_id']}"
-                d["params"], d["extra"] = _loads(self.path, d["params"], where), _loads(self.path, d["extra"], where)
+                d = _typed(self.path, "cells", dict(r))
+                where = f"cell {_shown(d['attack'])} of run {_run_shown(d['run_id'])}"
+                for key in ("params", "extra"):
+                    d[key] = _json_object(self.path, d[key], f"cells.{key} of {where}")
                 d["flags"] = _unpack_checked(self.path, d, where)
                 out.append(d)
         return out
 
     def requests(self, run_id: str) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM requests WHERE run_id=? ORDER BY created, attack",
-                                                   (run_id,))]
+        return [_typed(self.path, "requests", dict(r)) for r in self.conn.execute(
+            "SELECT * FROM requests WHERE run_id=? ORDER BY created, attack", (run_id,))]
 
     def failures(self, run_id: str | None = None) -> list[dict]:
         query, args = "SELECT * FROM failures", ()
         if run_id is not None:
             query, args = query + " WHERE run_id=?", (run_id,)
-        return [dict(r) for r in self.conn.execute(query + " ORDER BY created", args)]
+        return [_typed(self.path, "failures", dict(r)) for r in self.conn.execute(query + " ORDER BY created", args)]
 
     def checks(self, run_id: str) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM checks WHERE run_id=? ORDER BY name",
-                                                   (run_id,))]
+        return [_typed(self.path, "checks", dict(r)) for r in self.conn.execute(
+            "SELECT * FROM checks WHERE run_id=? ORDER BY name", (run_id,))]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the system allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # (a file system that cannot sync a folder)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _exact_labels(conn) -> None:
@@ -561,3 +624,69 @@ def _loads(path: Path, text: str, where: str) -> Any:
         raise BenchError(f"results database {path} is corrupt: {where} is not JSON; move it away") from None
 
 
+def _corrupt(path: Path, what: str) -> BenchError:
+    return BenchError(f"results database {path} is corrupt: {what}; move it away")
+
+
+def _shown(value: Any) -> str:
+    """A stored value in a one-line message: quoted, escaped (a newline or a terminal escape in it is shown,
+    not obeyed), shortened."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _run_shown(run_id: Any) -> str:
+    """A run named in a message: the start of its id (64 hex digits) is enough."""
+    return _shown(run_id[:16] if isinstance(run_id, str) else run_id)
+
+
+# what a value read from a column of each declared type must be: SQLite keeps any value in any column
+_COLUMN_TYPES = {"TEXT": ((str,), "text"), "INTEGER": ((int,), "an integer"), "REAL": ((int, float), "a number"),
+                 "BLOB": ((bytes,), "bytes")}
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+# the fields of a run's identity (RunConfig.identity) that the readers of a run use, and their JSON type; a
+# run stored by earlier code may lack some
+IDENTITY_FIELDS = {"defense": str, "params": list, "preset": dict, "dataset": str, "arch": str, "seed": int,
+                   "precision": str, "data": str, "base_checkpoints": list, "model_source": str, "normalize": list}
+
+
+def _is(value: Any, kind) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)
+
+
+_ROW_NAMES = (("run_id", "run"), ("attack", "cell"), ("cell", "cell"), ("name", "check"))  # what names a row
+
+
+def _typed(path: Path, table: str, row: dict) -> dict:
+    """`row` as read from `table`, refusing a value whose type is not its column's."""
+    kinds = _column_types(table)
+    for column, value in row.items():
+        if column in kinds and type(value) not in kinds[column][0]:  # (exactly: SQLite gives no subclasses)
+            of = next((f" of {what} {(_run_shown if k == 'run_id' else _shown)(row[k])}" for k, what in _ROW_NAMES
+                       if k in row and k != column), "")
+            raise _corrupt(path, f"{table}.{column}{of} is {_shown(value)}, not {kinds[column][1]}")
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def _column_types(table: str) -> dict[str, tuple[tuple[type, ...], str]]:
+    return {column: _COLUMN_TYPES[declared] for column, declared in _expected_schema()[0][table].items()
+            if declared in _COLUMN_TYPES}
+
+
+def _json_object(path: Path, text: str, where: str) -> dict:
+    """A stored JSON object (runs.params, runs.config...): any other JSON (`[]`, `null`, `5`) is as corrupt as no
+    JSON, and would fail its readers."""
+    value = _loads(path, text, where)
+    if not isinstance(value, dict):
+        raise _corrupt(path, f"{where} is {_JSON_KINDS.get(type(value), 'not an object')}, not a JSON object")
+    return value
+
+
+def _check_identity(path: Path, identity: dict, where: str) -> None:
+    """Refuse a run identity whose fields are not of the types RunConfig.identity() writes."""
+    for field, kind in IDENTITY_FIELDS.items():
+        if field in identity and not _is(identity[field], kind):
+            raise _corrupt(path, f"{where} has {field} = {_shown(identity[field])}, not "
+                                 f"{_JSON_KINDS[kind]}")
