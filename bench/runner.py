@@ -7,6 +7,7 @@ database is opened, so a mistake never touches stored results.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import sqlite3
@@ -636,17 +637,16 @@ NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, APFS, NTFS)
 
 
 def adversarial_path(out: Path, run_id: str, label: str, protocol: str) -> Path:
-    """Where `--save-adversarial` keeps a cell's images: OUT/adversarial/<run id>/<label>.<protocol>.npz, the
-    label and protocol with what a file name cannot hold as '_'. A name longer than a file name can be is
-    cut, with a digest of the label and protocol after it, so that every cell can be saved."""
+    """Where `--save-adversarial` keeps a cell's images: OUT/adversarial/<run id>/<label>.<protocol>.npz.
+    What a file name cannot hold becomes '_'; since two labels can then read the same (`a[note=a b]`,
+    `a[note=a_b]`), such a name ends with a digest of the label and protocol, and so does one cut to fit
+    a file name's 255 bytes: every cell has a file of its own."""
     safe, kind = (re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text) for text in (label, protocol))
-    name = f"{safe}.{kind}.npz"
-    if len(name) > NAME_MAX:  # (ASCII only: one byte a character)
-        import hashlib
-
-        digest = hashlib.sha256(f"{label}\0{protocol}".encode()).hexdigest()[:16]
-        name = f"{name[:NAME_MAX - len(digest) - len('-.npz')]}-{digest}.npz"
-    return Path(out) / ADVERSARIAL / run_id[:16] / name
+    if (safe, kind) == (label, protocol) and len(f"{safe}.{kind}.npz") <= NAME_MAX:
+        return Path(out) / ADVERSARIAL / run_id[:16] / f"{safe}.{kind}.npz"
+    digest = hashlib.sha256(f"{label}\0{protocol}".encode()).hexdigest()[:16]
+    stem = f"{safe}.{kind}"[:NAME_MAX - len(digest) - len("-.npz")]  # (ASCII only: one byte a character)
+    return Path(out) / ADVERSARIAL / run_id[:16] / f"{stem}-{digest}.npz"
 
 
 def unsaved(store: Store, run_id: str, cells: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -416,8 +416,9 @@ def test_a_label_too_long_for_a_file_name_is_saved_and_read_back(tmp_path):
     labels = [f"pgd10[note={'x' * 300}{end}]" for end in "ab"]  # differ only past the 255th byte
     paths = [runner.adversarial_path(tmp_path, run_id, label, "paper:teacher") for label in labels]
     assert paths[0] != paths[1] and all(len(os.fsencode(p.name)) <= 255 for p in paths)
-    assert runner.adversarial_path(tmp_path, run_id, "fgsm[eps=4/255]", "adaptive").name == \
-        "fgsm_eps=4_255_.adaptive.npz"  # a name that fits keeps the name it always had
+    assert runner.adversarial_path(tmp_path, run_id, "fgsm", "adaptive").name == "fgsm.adaptive.npz"
+    similar = [runner.adversarial_path(tmp_path, run_id, f"pgd10[note={n}]", "adaptive") for n in ("a b", "a_b")]
+    assert similar[0] != similar[1]  # both would read pgd10_note=a_b_ once the space is replaced
     store = Store(tmp_path)
     try:
         flags = np.array([True, False, True])
