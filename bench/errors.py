@@ -11,6 +11,18 @@ class BenchError(Exception):
     """A mistake in the user's input or environment (unknown name, bad parameter, missing data...)."""
 
 
+# every character str.splitlines() breaks a line at, and the other control characters (a carriage return or an
+# escape sequence can overwrite a line on a terminal just as well); a tab is kept
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: each line break or control character shown as its escape (`\\n`, `\\x1b`,
+    `\\u2028`), so a message quoting what a user gave still says exactly what it was, and cannot split the
+    `bench: error:` line (or forge a second one)."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

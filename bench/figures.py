@@ -3,6 +3,8 @@ with units, a legend entry for every mark, at most eight series per axes."""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +19,18 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*"]
 STYLES = ["-", "--", "-.", ":"]
 MAX_SERIES = len(COLORS)  # per axes; more are split over several panels
+
+
+def literal_text(draw):
+    """Every label, title and legend entry `draw` writes shown as it is: names come from runs and plugins, and
+    a '$' in one must not start matplotlib's math (a parse error would cost the leaderboard); a character no
+    font has is drawn as a box without a warning per glyph."""
+    @functools.wraps(draw)
+    def wrapped(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+            return draw(*args, **kwargs)
+    return wrapped
 
 
 def save(fig, path: Path) -> Path:
@@ -41,6 +55,7 @@ def split_panels(panels: list[dict]) -> list[dict]:
 BAND_LABEL = "shaded: 95% interval"
 
 
+@literal_text
 def lines(path: Path, panels: list[dict], *, title: str = "", width: float = 5.0) -> Path:
     """Side-by-side panels; each {"title", "xlabel", "ylabel", "series": {label: (x, y) or (x, y, (low,
     high))}, optional "marks": {label: x}} draws each series with its own colour, marker and line style (its
@@ -80,6 +95,7 @@ def lines(path: Path, panels: list[dict], *, title: str = "", width: float = 5.0
     return save(fig, path)
 
 
+@literal_text
 def bars(path: Path, labels: list[str], values: list[float], groups: list[str], marked: set[str], *,
          ylabel: str, title: str, xlabel: str = "", marked_label: str = "marked") -> Path:
     """Vertical bars coloured by group (e.g. conv / bn); marked ones outlined and starred, with a legend
@@ -110,6 +126,7 @@ def bars(path: Path, labels: list[str], values: list[float], groups: list[str], 
     return save(fig, path)
 
 
+@literal_text
 def densities(path: Path, samples: dict[str, list[float]], *, xlabel: str, title: str) -> Path:
     """Gaussian kernel density estimates of several samples on one axis, each with its own colour and line
     style (curves that coincide stay visible as such)."""
@@ -135,5 +152,8 @@ def densities(path: Path, samples: dict[str, list[float]], *, xlabel: str, title
 
 
 def embed(path: Path, caption: str) -> list[str]:
-    """Markdown lines that show the figure at `path` (written beside the leaderboard) with `caption`."""
-    return [f"![{caption}]({path.name})", ""]
+    """Markdown lines that show the figure at `path` (written beside the leaderboard, under a safe name) with
+    `caption`, plain text (escaped here, so a name in it is shown as it is)."""
+    from bench.markdown_reader import escape
+
+    return [f"![{escape(caption)}]({path.name})", ""]

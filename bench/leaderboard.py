@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import pandas as pd
 from bench import checks as sanity, latex, registry, webpage
 from bench.config import META_FIELDS, default_surrogate, harness_info, training_scope
 from bench.contract import ADAPTIVE, PAPER, surrogate_of
-from bench.errors import BenchError, os_reason, require_safe_name
+from bench.errors import BenchError, file_safe, os_reason
+from bench.markdown_reader import anchor as safe_anchor, code as md_code, escape as md
 from bench.models import file_label
 from bench.params import exact_text
 from bench.stats import intervals_overlap, mcnemar, mean_std, robust_cells, wilson, worst_case
@@ -216,11 +218,12 @@ def _short(v) -> str:
 
 
 def anchor(cfg: Config) -> str:
-    return f"checks-{cfg.defense}-{cfg.key}".lower().replace("_", "-")
+    """The id of `cfg`'s sanity checks (safe whatever the defense's name and run id hold)."""
+    return safe_anchor(f"checks-{cfg.defense}-{cfg.key}".lower().replace("_", "-"))
 
 
 def run_anchor(cfg: Config) -> str:
-    return f"run-{cfg.key}"
+    return safe_anchor(f"run-{cfg.key}")
 
 
 def check_flags(cfg: Config) -> list[str]:
@@ -234,7 +237,8 @@ def check_flags(cfg: Config) -> list[str]:
 
 
 def flags_text(cfg: Config) -> str:
-    return " ".join(f"[{f}](#{anchor(cfg)})" for f in check_flags(cfg))
+    """The check flags of `cfg` as markdown links to its checks."""
+    return " ".join(f"[{md(f)}](#{anchor(cfg)})" for f in check_flags(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,6 +301,7 @@ def primary_threat(configs: list[Config]) -> str | None:
     return max(threats, key=lambda t: counts[t]) if threats else None
 
 
+@functools.lru_cache(maxsize=None)  # asked per configuration and label; an unknown name reads every entry point
 def _batch_dependent_only(label: str) -> bool:
     # an attack whose plugin is no longer installed declares nothing: it counts as missing
     return bool(getattr(registry.declared("attack", label.split("[", 1)[0]), "batch_dependent_only", False))
@@ -391,7 +396,8 @@ class Table:
     frame: pd.DataFrame  # the cells as plain text
     values: pd.DataFrame | None = None  # per cell the number it sorts by (NaN: sort by its text)
     configs: list[Config] = field(default_factory=list)  # the configuration of each row (for links)
-    markdown: pd.DataFrame | None = None  # the cells as markdown, where they hold links
+    # the cells as markdown: names and labels escaped (markdown_reader.escape), links added
+    markdown: pd.DataFrame | None = None
     anchor: str = ""
 
 
@@ -458,21 +464,24 @@ def main_table(configs: list[Config]) -> Table:
                "AutoAttack": aa_text, "Flags": " ".join(marks + check_flags(cfg)),
                N_SEEDS: f"{n}, seed{'s' * (len(cfg.seeds) > 1)} {','.join(map(str, cfg.seeds))}", "Run": cfg.key}
         text_rows.append(row)
-        md_rows.append({**row, "Flags": " ".join(marks + ([flags_text(cfg)] if check_flags(cfg) else [])),
-                        "Run": f"[{cfg.key}](#{run_anchor(cfg)})"})
+        # the markdown: text from the database and plugins escaped, the links the leaderboard's own
+        md_rows.append({**row, "Defense": md(row["Defense"]),
+                        "Flags": " ".join([md(m) for m in marks] + ([flags_text(cfg)] if check_flags(cfg) else [])),
+                        "Run": f"[{md(cfg.key)}](#{run_anchor(cfg)})"})
         value_rows.append({"Rank": float("inf") if rank is None else rank, "Clean": 100 * clean_mean,
                            worst_col: 100 * worst_mean, delta_col: 100 * test.delta if test else float("nan"),
                            "AutoAttack": 100 * aa_mean, N_SEEDS: n})
     columns = ["Rank", "Defense", "Clean", worst_col, delta_col, "AutoAttack", "Flags", N_SEEDS, "Run"]
     frame = pd.DataFrame(text_rows, columns=columns)
+    markdown = pd.DataFrame(md_rows, columns=columns).rename(columns={worst_col: md(worst_col)})
     return Table("Leaderboard", frame, pd.DataFrame(value_rows, columns=columns).astype(float),
-                 [configs[i] for i in order], pd.DataFrame(md_rows, columns=columns), "leaderboard")
+                 [configs[i] for i in order], markdown, "leaderboard")
 
 
 def _column_name(label: str, threat: str) -> str:
     """'pgd10[eps=16/255]' in the 16/255 table is plain 'pgd10': the table's title names the budget."""
     name, bracket, inner = label.partition("[")
-    if not bracket:
+    if not bracket or not label.endswith("]"):
         return label
     eps = threat.partition(" eps=")[2]
     rest = [item for item in inner[:-1].split(",") if item != f"eps={eps}"]
@@ -495,7 +504,7 @@ def detail_tables(configs: list[Config], order: list[Config]) -> list[Table]:
             if len(set(names)) < len(names):
                 names = attacks
             worst_label = f"worst:{threat}"
-            rows, values = [], []
+            rows, md_rows, values = [], [], []
             for cfg in order:
                 if not any(cfg.flags(a, protocol) for a in attacks) and not incomplete(cfg, threat, protocol):
                     continue
@@ -505,18 +514,24 @@ def detail_tables(configs: list[Config], order: list[Config]) -> list[Table]:
                     row[name], mean, _ = accuracy_text(cfg.flags(attack, protocol))
                     value[name] = 100 * mean
                 text, mean, _ = accuracy_text(cfg.flags(worst_label, protocol))
-                if protocol == "adaptive" and text != "—":
-                    text += fewer_attacks_mark(cfg, adaptive_attacks(configs, threat))
-                row["Worst"], value["Worst"] = text + incomplete_mark(cfg, threat, protocol), 100 * mean
+                marks = fewer_attacks_mark(cfg, adaptive_attacks(configs, threat)) \
+                    if protocol == "adaptive" and text != "—" else ""
+                marks += incomplete_mark(cfg, threat, protocol)
+                row["Worst"], value["Worst"] = text + marks, 100 * mean
                 if protocol == "adaptive" and base is not None:
                     row[f"Δ worst vs {BASE_DEFENSE}"] = delta_text(cfg.flags(worst_label), base.flags(worst_label))
                 rows.append(row)
+                md_rows.append({**row, "Defense": md(row["Defense"]), "Worst": text + md(marks)})
                 values.append(value)
             kind = protocol_title(configs, protocol)
             frame = pd.DataFrame(rows)
-            slug = re.sub(r"[^a-z0-9_-]+", "-", f"detail-{threat}-{protocol}".lower().replace(" eps=", "-"))
+            markdown = pd.DataFrame(md_rows, columns=frame.columns)
+            markdown.columns = [md(c) for c in frame.columns]
+            slug = safe_anchor(re.sub(r"[^a-z0-9_-]+", "-",
+                                      f"detail-{threat}-{protocol}".lower().replace(" eps=", "-")))
             tables.append(Table(f"{threat_text(threat)}, {kind}", frame,
-                                pd.DataFrame(values, columns=frame.columns).astype(float), anchor=slug))
+                                pd.DataFrame(values, columns=frame.columns).astype(float), markdown=markdown,
+                                anchor=slug))
     return tables
 
 
@@ -526,8 +541,8 @@ def reproduce_section(configs: list[Config], order: list[Config]) -> list[str]:
              "the same commands.", ""]
     for cfg in order:
         commands = list(dict.fromkeys(r.run["command"] for r in cfg.runs if r.run["command"]))
-        text = "; ".join(f"`{c}`" for c in commands) or "(no command stored)"
-        lines.append(f'- <a id="{run_anchor(cfg)}"></a>`{cfg.key}` {row_name(cfg, configs)}: {text}')
+        text = "; ".join(md_code(c) for c in commands) or "(no command stored)"
+        lines.append(f'- <a id="{run_anchor(cfg)}"></a>{md_code(cfg.key)} {md(row_name(cfg, configs))}: {text}')
     return lines + [""]
 
 
@@ -553,12 +568,13 @@ def checks_section(configs: list[Config], order: list[Config] | None = None) -> 
         if not any(r.checks for r in cfg.runs):
             continue
         for j, r in enumerate(cfg.runs):
-            seed = f", seed {r.run['seed']}" if len(cfg.runs) > 1 else ""
+            seed = md(f", seed {r.run['seed']}") if len(cfg.runs) > 1 else ""
             tag = f'<a id="{anchor(cfg)}"></a>' if j == 0 else ""
-            lines.append(f"- {tag}{row_name(cfg, configs)} (`{cfg.key}`{seed}): {check_summary(cfg, r)}")
-            rows = [[c["name"], c["status"], c["detail"].replace("|", "/")] for c in r.checks]
-            details += [f"#### {row_name(cfg, configs)} (`{cfg.key}`{seed})", "",
-                        pd.DataFrame(rows, columns=["Check", "Status", "Detail"]).to_markdown(index=False), ""]
+            name = f"{md(row_name(cfg, configs))} ({md_code(cfg.key)}{seed})"
+            lines.append(f"- {tag}{name}: {md(check_summary(cfg, r))}")
+            rows = [[md(c["name"]), md(c["status"]), md(c["detail"])] for c in r.checks]
+            details += [f"#### {name}", "", pd.DataFrame(rows, columns=["Check", "Status", "Detail"]).to_markdown(
+                index=False, disable_numparse=True), ""]
     if details:
         lines += ["", "<details><summary>Every check's detail, per run</summary>", ""] + details + ["</details>"]
     return lines + [""]
@@ -598,7 +614,7 @@ def eps_figure(rc) -> list[str]:
             "series": series, "xlabel": f"{shown} budget ε" + (" (in units of 1/255)" if per_255 else ""),
             "ylabel": "accuracy (%)", "title": f"{name}: accuracy vs {shown} budget"}])
         title = name if norm == "Linf" else f"{name}, {shown}"
-        lines += [f"## Robust accuracy vs ε ({title})", ""] + figures.embed(path, f"{title} accuracy vs eps")
+        lines += [f"## Robust accuracy vs ε ({md(title)})", ""] + figures.embed(path, f"{title} accuracy vs eps")
     return lines
 
 
@@ -707,16 +723,23 @@ def cell_records(configs: list[Config]) -> list[dict]:
 FORMATS = ("md", "html", "latex", "csv", "json")
 
 
-def _file_part(value):
+def _file_part(value) -> str:
     """A dataset label with options as a file-name part: imagefolder[mode=RGB;size=64] ->
-    imagefolder.mode-RGB.size-64. The name before the bracket is kept as it is, so anything unsafe there
-    (a path) is still refused by require_safe_name."""
+    imagefolder.mode-RGB.size-64 (file_stem makes the whole safe)."""
     if not isinstance(value, str) or not value.endswith("]") or "[" not in value:
-        return value
+        return str(value)
     name, _, options = value[:-1].partition("[")
     for old, new in ((";", "."), ("=", "-"), (",", "_"), ("/", "_")):
         options = options.replace(old, new)
     return f"{name}.{options}"
+
+
+def file_stem(dataset, arch, preset) -> str:
+    """The file name (less its suffix) of one leaderboard: 'digits-tiny_cnn-smoke'. Whatever a results
+    database holds, a safe name (errors.file_safe: a name that is not one becomes one with a digest of it), so
+    that no file lands outside --dest and one odd name costs nobody their leaderboard."""
+    arch = file_label(arch) if isinstance(arch, str) else arch
+    return file_safe(f"{_file_part(dataset)}-{arch}-{preset}")
 
 
 def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = "md") -> list[Path]:
@@ -727,12 +750,6 @@ def write(store: Store, dest: str | Path, source: str, version: str, fmt: str = 
     groups: dict[tuple, list[Config]] = defaultdict(list)
     for cfg in load(store):
         run = cfg.runs[0].run
-        # file names are made of these: a hostile database must not name a path outside dest (a model named by
-        # import path, pkg.module:factory, and a dataset label with options, name[k=v], are made safe first)
-        for k in KEY:
-            part = file_label(run[k]) if k == "arch" and isinstance(run[k], str) else \
-                _file_part(run[k]) if k == "dataset" else run[k]
-            require_safe_name(part, f"results database {store.path}: run {run['run_id'][:10]}: {k}")
         groups[tuple(run[k] for k in KEY)].append(cfg)
     if not groups:
         raise BenchError(f"no runs in {store.path}; nothing written (run `bench run` first)")
@@ -772,6 +789,7 @@ class Board:
     # (bench.webpage, bench.latex), which read the board and import nothing of the leaderboard
     rows: dict = field(default_factory=dict)
     rank_rule: str = ""
+    stem: str = ""  # the file name, a safe one (file_stem): LaTeX labels are made of it
 
 
 def reading_guide(main: Table) -> list[str]:
@@ -801,11 +819,14 @@ def build(configs: list[Config], dataset: str, arch: str, preset: str, dest: Pat
     details = detail_tables(configs, main.configs)
     run0 = configs[0].runs[0].run
     n = main.values[N_SEEDS].max() if len(main.frame) else 0
-    header = [f"# {dataset} / {arch} / preset `{preset}`", "",
-              f"- Regenerate: `bench leaderboard --out {source} --dest {dest}` (the command of every row is under "
+    fingerprint = run0["config"].get("data", "?") if isinstance(run0.get("config"), dict) else "?"
+    regenerate = md_code(f"bench leaderboard --out {shlex.quote(str(source))} --dest {shlex.quote(str(dest))}")
+    # every name, path and field below is escaped (md, md_code): only the leaderboard's own text is markup
+    header = [f"# {md(dataset)} / {md(arch)} / preset {md_code(preset)}", "",
+              f"- Regenerate: {regenerate} (the command of every row is under "
               f"[Reproduce](#reproduce), linked from its Run column).",
-              f"- Preset `{preset}`, data {dataset} (fingerprint {run0['config'].get('data', '?')}, "
-              f"{int(n) if n == n else 0} test images), code {version}, generated {dt.date.today().isoformat()}.",
+              f"- Preset {md_code(preset)}, data {md(dataset)} (fingerprint {md(fingerprint)}, "
+              f"{int(n) if n == n else 0} test images), code {md(version)}, generated {dt.date.today().isoformat()}.",
               ""] + reading_guide(main)
     rc = ReportContext(configs=configs, dataset=dataset, arch=arch, preset=preset, dest=figure_dir, stem=stem)
     reports = eps_figure(rc)
@@ -817,10 +838,11 @@ def build(configs: list[Config], dataset: str, arch: str, preset: str, dest: Pat
         except Exception as exc:  # one broken report plugin must not take everyone's leaderboard down
             failure = f"{registry.who('report', name)} failed on {stem}: {registry.one_line(exc)}"
             logging.getLogger("bench").warning("bench: warning: %s", failure)
-            reports += [f"## Report '{name}' failed", "", failure.replace("|", "/"), ""]
+            reports += [f"## Report '{md(name)}' failed", "", md(failure), ""]
     rows = {cfg.key: {"anchor": run_anchor(cfg), "name": row_name(cfg, configs), "params": params_text(cfg.params),
                       "checks": "; ".join(check_summary(cfg, r) for r in cfg.runs)} for cfg in configs}
-    return Board(dataset, arch, preset, configs, main, details, header, reports, list(rc.figures), rows, RANK_RULE)
+    return Board(dataset, arch, preset, configs, main, details, header, reports, list(rc.figures), rows, RANK_RULE,
+                 stem)
 
 
 def markdown(board: Board) -> str:
@@ -830,7 +852,8 @@ def markdown(board: Board) -> str:
         text += ["## Every attack, by threat model", "",
                  "Rows in the leaderboard's order, only those attacked under the threat model.", ""]
         for table in board.details:
-            text += [f"### {table.title}", "", table.frame.to_markdown(index=False, disable_numparse=True), ""]
+            cells = table.markdown if table.markdown is not None else table.frame
+            text += [f"### {md(table.title)}", "", cells.to_markdown(index=False, disable_numparse=True), ""]
     text += board.reports
     text += reproduce_section(board.configs, board.main.configs)
     text += checks_section(board.configs, board.main.configs)
@@ -838,9 +861,12 @@ def markdown(board: Board) -> str:
 
 
 def _write_groups(groups: dict[tuple, list[Config]], dest: Path, source: str, version: str, fmt: str) -> list[Path]:
-    written = []
-    for (dataset, arch, preset), configs in sorted(groups.items()):
-        stem = f"{_file_part(dataset)}-{file_label(arch)}-{preset}"
+    written, stems = [], set()
+    for stem, (dataset, arch, preset), configs in sorted(((file_stem(*key), key, c) for key, c in groups.items()),
+                                                         key=lambda group: group[0]):
+        if stem in stems:  # two groups whose names join alike ('a-b', 'c' and 'a', 'b-c'): each its own file
+            stem = file_safe(f"{stem}-{json.dumps([dataset, arch, preset], default=str)}")
+        stems.add(stem)
         if fmt in ("csv", "json"):
             records = cell_records(configs)
             path = dest / f"{stem}.{fmt}"
@@ -929,13 +955,14 @@ class ReportContext:
 
     def fewer_attacks_mark(self, cfg, peers: list, threat: str) -> str:
         """' † without X' when `cfg`'s worst case over `threat` lacks adaptive attacks one of `peers` ran,
-        and ' ‡ incomplete: Y missing' when its run lacks requested cells of that worst case."""
-        return fewer_attacks_mark(cfg, adaptive_attacks(peers, threat)) + incomplete_mark(cfg, threat, "adaptive")
+        and ' ‡ incomplete: Y missing' when its run lacks requested cells of that worst case; as markdown (the
+        attacks' labels escaped)."""
+        return md(fewer_attacks_mark(cfg, adaptive_attacks(peers, threat)) + incomplete_mark(cfg, threat, "adaptive"))
 
     def incomplete_mark(self, cfg, threat: str | None = None, protocol: str = "adaptive") -> str:
         """' ‡ incomplete: X missing, Y failed' for the requested cells `cfg`'s runs lack (of the worst case
-        over `threat` when given), else ''. Any table showing a worst case should carry it."""
-        return incomplete_mark(cfg, threat, protocol if threat is not None else None)
+        over `threat` when given), else ''; as markdown. Any table showing a worst case should carry it."""
+        return md(incomplete_mark(cfg, threat, protocol if threat is not None else None))
 
     def protocols(self, configs: list | None = None) -> list[str]:
         """The protocols `configs` (default: all) were attacked under: adaptive, paper, then paper:NAME."""
@@ -955,6 +982,8 @@ class ReportContext:
         return out
 
     def figure(self, name: str) -> Path:
-        path = self.dest / f"{self.stem}-{require_safe_name(name, 'figure name')}.png"
+        """The path of the figure `name` beside the leaderboard: `name` where it is a safe file name, else a
+        safe name made of it (errors.file_safe), one per name."""
+        path = self.dest / f"{self.stem}-{file_safe(str(name))}.png"
         self.figures.append(path)
         return path

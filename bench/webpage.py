@@ -2,22 +2,23 @@
 
 The main table sorts by any column (click its header) and filters by defense (vanilla JavaScript); the detail
 tables, the report plugins' sections and every run's details (parameters, checks with their detail, the
-command, the code version) follow."""
+command, the code version) follow.
+
+Every string on the page is escaped here (`escape`), whatever its source; markup comes only from the page's
+own code and from the leaderboard's markdown (`inline`, `markdown_html`), whose links are followed only to
+http(s), relative and in-page addresses. A Content-Security-Policy lets no script run but the page's own and
+the page fetch nothing."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
 import re
 
 from bench import markdown_reader
-
-_CODE = re.compile(r"`([^`]+)`")
-_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
-_BOLD = re.compile(r"\*\*([^*]+)\*\*")
-_ITALIC = re.compile(r"(?<![*\w])\*([^*\s][^*]*)\*(?![*\w])")
 
 STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
@@ -99,18 +100,47 @@ SCRIPT = """
 """
 
 
+def _digest(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode("ascii") + "'"
+
+
+# no script but SCRIPT (the data block is not one), no style but STYLE, images only inline, nothing fetched
+POLICY = (f"default-src 'none'; script-src {_digest(SCRIPT)}; style-src {_digest(STYLE)}; img-src data:; "
+          "base-uri 'none'; form-action 'none'")
+
+
+def escape(value) -> str:
+    """Any text as HTML text or attribute value (quotes included): shown as it is, never markup."""
+    return html.escape(str(value), quote=True)
+
+
 def inline(text: str) -> str:
-    """One line of the leaderboard's markdown as HTML: escaped, with code spans, links and bold."""
-    out = html.escape(str(text), quote=False)
-    out = _CODE.sub(r"<code>\1</code>", out)
-    out = _LINK.sub(lambda m: f'<a href="{html.escape(m[2])}">{m[1]}</a>', out)
-    out = _BOLD.sub(r"<strong>\1</strong>", out)
-    return _ITALIC.sub(r"<em>\1</em>", out)
+    """One line of the leaderboard's markdown as HTML: its text escaped, its code spans, links (only those
+    `markdown_reader.followable`; others shown as text) and emphasis as tags."""
+    out = []
+    for span in markdown_reader.spans(str(text)):
+        if span.kind == "text":
+            out.append(escape(span.text))
+        elif span.kind == "code":
+            out.append(f"<code>{escape(span.text)}</code>")
+        elif span.kind == "link" and markdown_reader.followable(span.target):
+            out.append(f'<a href="{escape(span.target)}">{inline(span.text)}</a>')
+        elif span.kind == "link":
+            out.append(f"{inline(span.text)} ({escape(span.target)})")
+        else:
+            tag = "strong" if span.kind == "strong" else "em"
+            out.append(f"<{tag}>{inline(span.text)}</{tag}>")
+    return "".join(out)
 
 
 def slug(title: str) -> str:
-    """GitHub's heading anchors, so the markdown's in-page links work on the page too."""
-    return re.sub(r"[^\w\- ]", "", title.lower()).strip().replace(" ", "-")
+    """GitHub's heading anchors (of the heading's text), so the markdown's in-page links work on the page too."""
+    return re.sub(r"[^\w\- ]", "", markdown_reader.plain(title).lower()).strip().replace(" ", "-")
+
+
+# the only raw HTML the leaderboard's markdown holds (folded check details, link targets): any other line that
+# starts with '<' is shown as text
+_OWN_HTML = re.compile(r'(<details>)?<summary>[^<>&"]*</summary>|</?details>|<a id="[A-Za-z0-9_-]+"></a>')
 
 
 def _number(value) -> str:
@@ -118,29 +148,30 @@ def _number(value) -> str:
 
 
 def table_html(table, *, sortable: bool = False, links=None, element_id: str = "") -> str:
-    """A bench.leaderboard.Table as an HTML table; with `sortable`, numbers to sort by in data-sort."""
+    """A bench.leaderboard.Table (its cells plain text) as an HTML table; with `sortable`, numbers to sort by
+    in data-sort; `links(column, config, text)` gives a cell's HTML where it links somewhere."""
     frame, values = table.frame, table.values
     numeric = {c for c in frame.columns if values is not None and c in values and values[c].notna().any()}
     head = []
     for c in frame.columns:
         attrs = ' data-type="number"' if c in numeric else ""
         attrs += ' data-first="ascending"' if c == "Rank" else ""
-        head.append(f"<th{attrs}>{html.escape(str(c))}</th>")
+        head.append(f"<th{attrs}>{escape(c)}</th>")
     rows = []
     for i in range(len(frame)):
         cfg = table.configs[i] if i < len(table.configs) else None
-        attrs = f' data-order="{i}"' + (f' data-defense="{html.escape(cfg.defense)}"' if cfg is not None else "")
+        attrs = f' data-order="{i}"' + (f' data-defense="{escape(cfg.defense)}"' if cfg is not None else "")
         cells = []
         for c in frame.columns:
             text = str(frame.iloc[i][c])
             content = links(c, cfg, text) if links is not None and cfg is not None else None
-            content = content if content is not None else inline(text)
+            content = content if content is not None else escape(text)
             if c in numeric:
                 cells.append(f'<td class="num" data-sort="{_number(values.iloc[i][c])}">{content}</td>')
             else:
                 cells.append(f"<td>{content}</td>")
         rows.append(f"<tr{attrs}>{''.join(cells)}</tr>")
-    ident = f' id="{element_id}"' if element_id else ""
+    ident = f' id="{escape(element_id)}"' if element_id else ""
     cls = ' class="sortable"' if sortable else ""
     return (f"<table{ident}{cls}><thead><tr>{''.join(head)}</tr></thead>"
             f"<tbody>\n{chr(10).join(rows)}\n</tbody></table>")
@@ -152,7 +183,7 @@ def markdown_html(lines: list[str], figures: dict) -> list[str]:
     for block in markdown_reader.blocks(lines):
         if block.kind == "heading":
             level = min(block.level, 6)
-            out.append(f'<h{level} id="{slug(block.text)}">{inline(block.text)}</h{level}>')
+            out.append(f'<h{level} id="{escape(slug(block.text))}">{inline(block.text)}</h{level}>')
         elif block.kind == "table":
             out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in block.frame.columns)
                        + "</tr></thead><tbody>" + "".join(
@@ -165,19 +196,20 @@ def markdown_html(lines: list[str], figures: dict) -> list[str]:
                 out.append(f"<figure>{caption} (figure not drawn)</figure>")
                 continue
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            out.append(f'<figure><img alt="{html.escape(block.text)}" src="data:image/png;base64,{data}">'
+            alt = escape(markdown_reader.plain(block.text))
+            out.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
                        f"{caption}</figure>")
         elif block.kind == "list":
             out.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in block.items) + "</ul>")
-        elif block.kind == "html":
-            out.append(block.text)  # written by the leaderboard or a report plugin's own code
+        elif block.kind == "html" and _OWN_HTML.fullmatch(block.text):
+            out.append(block.text)
         else:
             out.append(f"<p>{inline(block.text)}</p>")
     return out
 
 
 def _status_cell(status: str) -> str:
-    return f'<td class="status-{html.escape(status)}">{html.escape(status)}</td>'
+    return f'<td class="status-{escape(markdown_reader.anchor(status))}">{escape(status)}</td>'
 
 
 def runs_html(board) -> list[str]:
@@ -188,23 +220,23 @@ def runs_html(board) -> list[str]:
     for cfg in board.main.configs:
         row = board.rows[cfg.key]
         summaries = row["checks"]
-        facts = [("Defense", html.escape(cfg.defense)), ("Parameters", html.escape(row["params"])),
-                 ("Seeds", html.escape(", ".join(map(str, cfg.seeds))))]
+        facts = [("Defense", escape(cfg.defense)), ("Parameters", escape(row["params"])),
+                 ("Seeds", escape(", ".join(map(str, cfg.seeds))))]
         body = []
         for r in cfg.runs:
             run = r.run
             seed = f" (seed {run['seed']})" if len(cfg.runs) > 1 else ""
-            facts += [(f"Run id{seed}", f"<code>{html.escape(run['run_id'])}</code>"),
-                      (f"Command{seed}", f"<code>{html.escape(run['command'] or '(none stored)')}</code>"),
-                      (f"Code version{seed}", html.escape(str(run["code_version"])))]
+            facts += [(f"Run id{seed}", f"<code>{escape(run['run_id'])}</code>"),
+                      (f"Command{seed}", f"<code>{escape(run['command'] or '(none stored)')}</code>"),
+                      (f"Code version{seed}", escape(run["code_version"]))]
             if r.checks:
-                rows = "".join(f"<tr><td>{html.escape(c['name'])}</td>{_status_cell(c['status'])}"
-                               f"<td>{html.escape(c['detail'])}</td></tr>" for c in r.checks)
+                rows = "".join(f"<tr><td>{escape(c['name'])}</td>{_status_cell(c['status'])}"
+                               f"<td>{escape(c['detail'])}</td></tr>" for c in r.checks)
                 body.append(f"<h4>Sanity checks{seed}</h4><table><thead><tr><th>Check</th><th>Status</th>"
                             f"<th>Detail</th></tr></thead><tbody>{rows}</tbody></table>")
-        table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
-        out.append(f'<details class="run" id="{row["anchor"]}"><summary><code>{cfg.key}</code> '
-                   f"{html.escape(row['name'])}: checks {html.escape(summaries)}</summary>"
+        table = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in facts)
+        out.append(f'<details class="run" id="{escape(row["anchor"])}"><summary><code>{escape(cfg.key)}</code> '
+                   f"{escape(row['name'])}: checks {escape(summaries)}</summary>"
                    f"<table>{table}</table>{''.join(body)}</details>")
     return out
 
@@ -216,13 +248,13 @@ def page(board) -> str:
 
     def links(column, cfg, text):
         if column == "Run":
-            return f'<a href="#{board.rows[cfg.key]["anchor"]}">{html.escape(text)}</a>'
+            return f'<a href="#{escape(board.rows[cfg.key]["anchor"])}">{escape(text)}</a>'
         if column == "Flags" and text:
-            return f'<a href="#{board.rows[cfg.key]["anchor"]}">{html.escape(text)}</a>'
+            return f'<a href="#{escape(board.rows[cfg.key]["anchor"])}">{escape(text)}</a>'
         return None
 
     defenses = sorted({cfg.defense for cfg in board.configs})
-    options = "".join(f'<option value="{html.escape(d)}">{html.escape(d)}</option>' for d in defenses)
+    options = "".join(f'<option value="{escape(d)}">{escape(d)}</option>' for d in defenses)
     header = [ln.replace("(#reproduce)", "(#runs)").replace("(#sanity-checks)", "(#runs)") for ln in board.header]
     body = markdown_html(header, figures)
     body += ['<div class="controls"><label for="defense-filter">Defense</label>'
@@ -233,14 +265,17 @@ def page(board) -> str:
         body += ['<h2 id="every-attack-by-threat-model">Every attack, by threat model</h2>',
                  "<p>Rows in the leaderboard's order, only those attacked under the threat model.</p>"]
         for t in board.details:
-            body += [f'<h3 id="{t.anchor}">{html.escape(t.title)}</h3>', table_html(t)]
+            body += [f'<h3 id="{escape(t.anchor)}">{escape(t.title)}</h3>', table_html(t)]
     body += markdown_html(board.reports, figures)
     body += runs_html(board)
+    # a data block, never run; '<', '>' and '&' as JSON escapes so that no text in it can close the element
     meta = json.dumps({"dataset": board.dataset, "arch": board.arch, "preset": board.preset})
+    meta = meta.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">',  # before anything it governs
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">',  # no favicon request: the page asks nothing of any server
-        f"<title>{html.escape(title)}: bnbench leaderboard</title>",
+        f"<title>{escape(title)}: bnbench leaderboard</title>",
         f"<style>{STYLE}</style>", f'<script type="application/json" id="board-meta">{meta}</script>',
         "</head>", "<body>", *body, f"<script>{SCRIPT}</script>", "</body>", "</html>", ""])

@@ -7,14 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from bench.config import stable_hash
-from bench.errors import BenchError
 from bench.store import SCHEMA, SCHEMA_VERSION, Store
 from conftest import file_digest
 
@@ -399,24 +400,38 @@ def test_leaderboard_of_a_database_without_runs(bench, tmp_path):
 
 
 @pytest.mark.parametrize("column,value", [("dataset", "../../escaped"), ("arch", "a/b"), ("preset", "/tmp"),
-                                          ("dataset", ".hidden"), ("preset", "")])
-def test_leaderboard_refuses_unsafe_names_from_the_database(column, value, bench, results, tmp_path):
+                                          ("dataset", ".hidden"), ("preset", ""), ("arch", "pgd+eot"),
+                                          ("dataset", "x" * 300)])
+def test_leaderboard_names_its_files_safely_whatever_the_database_holds(column, value, bench, results, tmp_path):
+    """A name from the database that is no file name (a path, a dot file, nothing, too long) gets a safe file
+    name made of it inside --dest, not a refusal of the board; the name itself is shown in the board's title."""
     _sql(results / "results.sqlite", f"UPDATE runs SET {column}=?".replace("?", "'" + value + "'"))
     dest = tmp_path / "deep" / "lb"
-    _one_line_exit_2(bench("leaderboard", "--out", results, "--dest", dest), f"{column} '{value}'",
-                     "is not a safe file name")
-    assert not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    res = bench("leaderboard", "--out", results, "--dest", dest)
+    assert res.code == 0, res.err
+    (board,) = dest.glob("*.md")
+    assert [Path(p) for p in res.out.split()][0] == board
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}", p.name) for p in dest.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "results"]  # nothing outside --dest
+    from bench.markdown_reader import code, escape
+
+    title = board.read_text().split("\n", 1)[0]
+    assert (code(value) if column == "preset" else escape(value)) in title
 
 
-def test_report_figure_names_are_checked(tmp_path):
+def test_report_figure_names_become_safe_file_names(tmp_path):
+    """L1: a figure named after an attack that is no file name (`pgd+eot`) is drawn under a safe name made
+    of it, one file per name, inside the leaderboard's folder."""
     from bench.api import ReportContext
 
     rc = ReportContext(configs=[], dataset="digits", arch="tiny_cnn", preset="smoke", dest=tmp_path,
                        stem="digits-tiny_cnn-smoke")
     assert rc.figure("eps-pgd10") == tmp_path / "digits-tiny_cnn-smoke-eps-pgd10.png"
-    for name in ("../../x", "a/b", ".x", ""):
-        with pytest.raises(BenchError, match="not a safe file name"):
-            rc.figure(name)
+    names = ["eps-pgd+eot", "eps-pgd eot", "../../x", "a/b", ".x", "", "x" * 300]
+    paths = [rc.figure(name) for name in names]
+    assert len(set(paths)) == len(names) and rc.figure("eps-pgd+eot") == paths[0]
+    assert all(p.parent == tmp_path and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.png", p.name) for p in paths)
+    assert paths[0].name.startswith("digits-tiny_cnn-smoke-eps-pgd_eot-")
 
 
 def test_disk_full_while_caching_a_model_is_one_line_and_a_rerun_completes(bench, tmp_path, monkeypatch):
