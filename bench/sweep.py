@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
+MAX_JOBS = 100_000  # far beyond any sweep that can run; a grid past it is a typo, and expanding it fills the memory
+
+
 def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> list[Job]:
     from bench.runner import Request
 
@@ -60,6 +64,7 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
         raise BenchError("--out must not be empty")
     out_dir = out or conf.get("out", config_mod.SETTING["out"].default)
     result = []
+    total = 0
     for i, cell in enumerate(cells, start=1):
         where = f"{path}, cell {i}"
         config_mod.validate_toml(cell, CELL_KEYS, where)
@@ -73,6 +78,12 @@ def jobs(path: str | Path, *, out: str | None = None, quiet: bool = True) -> lis
         for what, values in [("seeds", seeds), ("protocols", protocols)] + [(f"grid.{k}", v) for k, v in axes]:
             if not values:  # an empty list would silently drop every run of this cell
                 raise BenchError(f"{where}: {what} is an empty list")
+        sizes = [len(v) for _, v in axes] + [len(seeds), len(protocols)]
+        total += math.prod(sizes)
+        if total > MAX_JOBS:  # counted from the lists' lengths, before a single job is built
+            raise BenchError(f"{where}: cells 1-{i} make {total:,} runs (this cell "
+                             f"{' x '.join(map(str, sizes))} = {math.prod(sizes):,}: grid values x seeds x protocols); "
+                             f"at most {MAX_JOBS:,} per file")
         settings = config_mod.toml_settings(merged)
         if isinstance(settings.get("attacks"), list):  # one string, as on the command line
             settings["attacks"] = ",".join(settings["attacks"])
