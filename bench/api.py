@@ -14,7 +14,10 @@ plugin" is the contract in prose.
   `batch_statistics`, `interpolate_weights`; `build_model` for a fresh network of the run's architecture.
 - Training: `train`, `TrainSpec`, `Schedule`, `Objective`, `Clean`, `PGDAdversarial`, `TRADES`,
   `trades_attack`, `preset_spec`, `finetune_spec`, `accuracy`, `robust_accuracy`, `autocast_factory`, `derived_seed`.
-- Reports: `delta_text`, `line_figure`, `bar_figure`, `density_figure`, `embed_figure`.
+- Reports: `delta_text`, `line_figure`, `bar_figure`, `density_figure`, `embed_figure`; `markdown_text` and
+  `markdown_code` (a name, label or parameter value as markdown that shows it as it is: no markup, link or
+  table column from it) and `Markdown` (text that is markdown already). `rc.table(columns, rows)` writes a
+  table escaping every cell but `Markdown`.
 - Datasets: a loader (`bench.datasets` group) takes a `DataRequest` and returns `LoadedData` with its
   `DatasetSpec`.
 
@@ -54,17 +57,20 @@ __all__ = [
     "Clean", "Objective", "PGDAdversarial", "Schedule", "TRADES", "TrainSpec", "accuracy", "autocast_factory",
     "derived_seed", "finetune_spec", "preset_spec", "robust_accuracy", "trades_attack", "train",
     # reports
-    "bar_figure", "delta_text", "density_figure", "embed_figure", "line_figure",
+    "Markdown", "bar_figure", "delta_text", "density_figure", "embed_figure", "line_figure", "markdown_code",
+    "markdown_text",
     # datasets
     "DataRequest", "DatasetSpec", "LoadedData",
 ]
 
-# The report helpers load pandas and matplotlib: imported on first use, so that loading a plugin (every
-# command does) never pays for them.
+# The report helpers load pandas and matplotlib (the markdown ones: pandas, through bench.markdown_reader):
+# imported on first use, so that loading a plugin (every command does) never pays for them.
 _ON_FIRST_USE = {
     "ReportContext": ("bench.leaderboard", "ReportContext"), "delta_text": ("bench.leaderboard", "delta_text"),
     "line_figure": ("bench.figures", "lines"), "bar_figure": ("bench.figures", "bars"),
     "density_figure": ("bench.figures", "densities"), "embed_figure": ("bench.figures", "embed"),
+    "Markdown": ("bench.report_markdown", "Markdown"), "markdown_text": ("bench.report_markdown", "markdown_text"),
+    "markdown_code": ("bench.report_markdown", "markdown_code"),
 }
 
 

@@ -33,12 +33,15 @@ def one_line(value) -> str:
     return _BREAKS.sub(" ", str(value))
 
 
-def escape(value) -> str:
+def escape(value, *, in_cell: bool = False) -> str:
     """`value` (a name, a parameter, a path: any text) as markdown inline text and table cell that shows it as
     it is: on one line, every character that could start markup escaped, and `&`, `<`, `>` as entities (no
-    tag, no link, no extra column, whatever viewer renders it)."""
+    tag, no link, no extra column, whatever viewer renders it). `in_cell`: the text is a table cell's, read as
+    inline text only, where a leading list marker ('1.', '-') is no markup and stays as it is ('12.5')."""
     text = one_line(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = _SPECIAL.sub(lambda m: "\\" + m[0], text)
+    if in_cell:
+        return text
     return _LEADING.sub(lambda m: m[1] + (f"\\{m[2]}" if m[2] else f"{m[3]}\\{m[4]}"), text)
 
 

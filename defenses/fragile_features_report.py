@@ -6,8 +6,6 @@ from __future__ import annotations
 
 def report(rc) -> list[str]:
     """Test error and robust test error per BN variant, with the standard and PGD-AT references."""
-    import pandas as pd
-
     threats = [t for t in rc.threats() if t.startswith("Linf")]
     variants = [c for name in ("standard", "pgd_at", "bn_stats", "bn_params", "adv_bn_only") for c in rc.find(name)]
     if not any(c.defense in ("bn_stats", "bn_params", "adv_bn_only") for c in variants):
@@ -21,12 +19,12 @@ def report(rc) -> list[str]:
         for t in threats:
             robust = rc.accuracy(cfg, f"worst:{t}")[1]
             # a worst case over fewer attacks than another row's, or missing a requested one, says so
-            row.append(f"{100 * (1 - robust):.1f}{rc.fewer_attacks_mark(cfg, variants, t)}" if robust == robust
+            row.append([f"{100 * (1 - robust):.1f}", rc.fewer_attacks_mark(cfg, variants, t)] if robust == robust
                        else "—")
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["Variant", "Test error %"] + [f"Robust test error % ({t})" for t in threats])
+    columns = ["Variant", "Test error %"] + [f"Robust test error % ({t})" for t in threats]
     return ["## Fragile features and BN (Walter et al.'s table)", "",
             "Error = 100 − accuracy; robust error uses the worst case over the attacks run († without X: over "
             "fewer attacks than another row; ‡: a requested attack is missing or failed). `+log` / `+conv1`: "
             "the last Linear / first conv also trained.", "",
-            table.to_markdown(index=False, disable_numparse=True), ""]
+            rc.table(columns, rows), ""]

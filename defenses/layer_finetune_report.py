@@ -8,8 +8,6 @@ from bench.api import embed_figure, line_figure
 
 def report(rc) -> list[str]:
     """Clean and PGD-10 accuracy per fine-tuning epoch for ft_bn / ft_conv / ft_full."""
-    import pandas as pd
-
     found = {g: (rc.find(f"ft_{g}") or [None])[0] for g in ("bn", "conv", "full")}
     found = {g: c for g, c in found.items() if c is not None}
     if not found:
@@ -30,7 +28,7 @@ def report(rc) -> list[str]:
          "series": clean},
         {"title": f"PGD-10 accuracy ({split} split)", "xlabel": "fine-tuning epoch", "ylabel": "accuracy (%)",
          "series": robust}])
-    table = pd.DataFrame(rows, columns=["Defense", "Trained parameters", f"Clean ({split}) epoch 0 → last",
-                                        f"PGD-10 ({split}) epoch 0 → last", "Clean (test)", "PGD-10 (test)"])
+    table = rc.table(["Defense", "Trained parameters", f"Clean ({split}) epoch 0 → last",
+                      f"PGD-10 ({split}) epoch 0 → last", "Clean (test)", "PGD-10 (test)"], rows)
     return ["## Layer-type fine-tuning from the PGD-AT model (the seed paper's figures 1-2)", "",
-            table.to_markdown(index=False, disable_numparse=True), ""] + embed_figure(path, "fine-tuning curves")
+            table, ""] + embed_figure(path, "fine-tuning curves")

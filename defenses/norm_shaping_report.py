@@ -7,7 +7,7 @@ Every paper protocol that ran is shown on its own, named by its surrogate (`eval
 
 from __future__ import annotations
 
-from bench.api import delta_text
+from bench.api import Markdown, delta_text, markdown_code, markdown_text
 
 from defenses.norm_shaping import NormShaping
 
@@ -18,7 +18,7 @@ def _surrogate(rc, protocol: str, configs: list) -> str:
     return rc.surrogate(protocol, configs) or "default"
 
 
-def _grid(shaped: list, cell) -> list[list[str]]:
+def _grid(shaped: list, cell) -> list[list]:
     train_ratios = sorted({c.params.get("train_ratio") for c in shaped})
     infer_ratios = sorted({c.params.get("infer_ratio") for c in shaped})
     rows = []
@@ -32,16 +32,19 @@ def _grid(shaped: list, cell) -> list[list[str]]:
     return rows
 
 
+def _empty(rows: list[list]) -> bool:
+    """Whether a grid shows nothing: every cell '—' (a cell of pieces carries a number and its mark)."""
+    return all(isinstance(text, str) and text.startswith("—") for r in rows for text in r[1:])
+
+
 def report(rc) -> list[str]:
     """Training x inference ratio grids (table IV) and adaptive vs non-adaptive attacks (table III)."""
-    import pandas as pd
-
     shaped = rc.find("norm_shaping")
     if not shaped:
         return []
     lines = ["## Norm shaping", ""]
     infer_ratios = sorted({c.params.get("infer_ratio") for c in shaped})
-    columns = ["train \\ infer"] + [f"1:{ir}" for ir in infer_ratios]
+    columns = [Markdown("train \\ infer")] + [f"1:{ir}" for ir in infer_ratios]
     threat = next((t for t in rc.threats() if t.startswith("Linf")), None)
     papers = [p for p in rc.protocols(shaped) if p != ADAPTIVE]
 
@@ -49,7 +52,7 @@ def report(rc) -> list[str]:
         def cell(cfg):
             text = rc.accuracy(cfg, label, protocol)[0]
             if label.startswith("worst:") and text != "—":
-                text += rc.fewer_attacks_mark(cfg, shaped, threat)
+                return [text, rc.fewer_attacks_mark(cfg, shaped, threat)]
             return text
         return cell
 
@@ -61,24 +64,20 @@ def report(rc) -> list[str]:
         grids.append(("Robust accuracy, worst case over adaptive and surrogate attacks",
                       accuracy(f"worst:{threat}", ADAPTIVE)))
         for protocol in papers:
-            name = _surrogate(rc, protocol, shaped)
+            name = markdown_text(_surrogate(rc, protocol, shaped))
             grids.append((f"PGD-10 accuracy, non-adaptive: attacks on the {name} surrogate",
                           accuracy("pgd10", protocol)))
             grids.append((f"PGD-10, {name} surrogate minus adaptive, in points (paired McNemar test)",
                           gap("pgd10", protocol)))
     for title, cell in grids:
         rows = _grid(shaped, cell)
-        if all(text.startswith("—") for r in rows for text in r[1:]):
+        if _empty(rows):
             continue
-        frame = pd.DataFrame(rows, columns=columns)
-        lines += [f"### {title} (the slides' table IV layout)", "", frame.to_markdown(index=False, disable_numparse=True),
-                  ""]
+        lines += [f"### {title} (the slides' table IV layout)", "", rc.table(columns, rows), ""]
     return lines + _table_iii(rc, shaped, papers)
 
 
 def _table_iii(rc, shaped: list, papers: list[str]) -> list[str]:
-    import pandas as pd
-
     base = (rc.find("pgd_at") or [None])[0]
     reference = next((c for c in shaped if c.params.get("train_ratio") == 3 and c.params.get("infer_ratio") == 3),
                      shaped[0])
@@ -103,13 +102,12 @@ def _table_iii(rc, shaped: list, papers: list[str]) -> list[str]:
              "Non-adaptive = a paper protocol: the attack differentiates a surrogate and the real batch-dependent "
              "inference is scored on its images; adaptive = gradients through the whole inference batch. The "
              "surrogates:", ""]
-    lines += [f"- `{name}`: {text}" for name, text in NormShaping.SURROGATES.items()]
-    lines += ["", pd.DataFrame(rows, columns=["Defense", "Attacks", "Clean"] + attacks).to_markdown(
-        index=False, disable_numparse=True), ""]
+    lines += [f"- {markdown_code(name)}: {text}" for name, text in NormShaping.SURROGATES.items()]
+    lines += ["", rc.table(["Defense", "Attacks", "Clean"] + attacks, rows), ""]
     for protocol in ran:
-        name = _surrogate(rc, protocol, [reference])
+        name = markdown_text(_surrogate(rc, protocol, [reference]))
         for label in attacks:
             if reference.flags(label, protocol) and reference.flags(label):
-                lines.append(f"- {label}, {name} surrogate − adaptive = "
+                lines.append(f"- {markdown_text(label)}, {name} surrogate − adaptive = "
                              f"{delta_text(reference.flags(label, protocol), reference.flags(label, ADAPTIVE))}")
     return lines + [""]

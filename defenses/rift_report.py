@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from bench.api import bar_figure, density_figure, embed_figure, line_figure
+from bench.api import bar_figure, density_figure, embed_figure, line_figure, markdown_text
 
 
 # The paper's table 1 (the RiFT-with-BN paper; CIFAR-10, ResNet-18, 110 epochs of PGD-AT): what ours is read against.
@@ -21,8 +21,6 @@ def variant(rc, defense: str, k: int, selection: str = "val", ascent: str = "sgd
 
 def report(rc) -> list[str]:
     """RiFT vs RiFT with BN for k = 1..5 against the PGD-AT base; MRC bars, alpha curves, BN-output KDE."""
-    import pandas as pd
-
     bases = rc.find("pgd_at")
     rift = {k: variant(rc, "rift", k) for k in range(1, 6)}
     rift_bn = {k: variant(rc, "rift_bn", k) for k in range(1, 6)}
@@ -70,7 +68,7 @@ def report(rc) -> list[str]:
                 + (f", AutoAttack on the first {', '.join(map(str, aa_sizes))}" if aa_sizes else "") + ". "
                 if sizes else "")
              + f"The paper (CIFAR-10, ResNet-18, 110 epochs): {PAPER}.", "",
-             pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True), ""]
+             rc.table(columns, rows), ""]
 
     detail = []
     seeded = any(len(cfg.runs) > 1 for _, _, cfg in listed)  # each seed chose its own modules and α
@@ -86,9 +84,9 @@ def report(rc) -> list[str]:
         lines += ["Chosen modules (lowest MRC first), the interpolation weight α and the selection-split "
                   "clean / PGD-10 accuracy at that α against the base's robust accuracy there"
                   + (", per seed" if seeded else "") + ":", "",
-                  pd.DataFrame(detail, columns=["Method", "k"] + (["Seed"] if seeded else [])
-                               + ["Fine-tuned modules", "α", "Selection clean / robust", "Base robust", "Split"]
-                               ).to_markdown(index=False, disable_numparse=True), ""]
+                  rc.table(["Method", "k"] + (["Seed"] if seeded else [])
+                           + ["Fine-tuned modules", "α", "Selection clean / robust", "Base robust", "Split"], detail),
+                  ""]
     lines += mrc_ranking(rc, [(a, variant(rc, "rift_bn", 1, ascent=a)) for a in ("sgd", "normalized")])
 
     source = rift_bn[1] or next((c for c in rift_bn.values() if c), None) or rift[1]
@@ -137,7 +135,8 @@ def report(rc) -> list[str]:
 
 def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
     """What the KDE shows, measured: each fine-tuned model's two-sample KS distance to the base at `layer`,
-    and, where the curves coincide, why (which modules each model fine-tuned, and at which α)."""
+    and, where the curves coincide, why (which modules each model fine-tuned, and at which α); markdown, the
+    module names and the run's settings escaped."""
     from scipy.stats import ks_2samp
 
     base = samples.get("PGD-AT base")
@@ -154,6 +153,7 @@ def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
         differ |= test.pvalue < 0.05
         parts.append(f"{name} {test.statistic:.3f} (p={test.pvalue:.2g})")
         chosen = info["chosen"]
+        modules = ", ".join(markdown_text(m) for m in chosen)
         mix = f"α = {info['alpha']:.1f} of the fine-tuned ones and {1 - info['alpha']:.1f} of the base's"
         placed = [order[m] for m in chosen if m in order]
         if info["alpha"] == 0:
@@ -166,15 +166,15 @@ def kde_caption(layer: str, samples: dict[str, list[float]], runs: dict) -> str:
             epochs = len((info.get("finetune") or {}).get("history") or []) or preset.get("ft_epochs", "?")
             lr = (run.get("params") or {}).get("lr", preset.get("ft_lr", "?"))
             why.append(f"{name} fine-tuned this layer, but its γ, β are α = {info['alpha']:.1f} of the fine-tuned "
-                       f"values and {1 - info['alpha']:.1f} of the base's after {epochs} epochs at learning rate "
-                       f"{lr}: too small a change to move its outputs")
+                       f"values and {1 - info['alpha']:.1f} of the base's after {markdown_text(epochs)} epochs at "
+                       f"learning rate {markdown_text(lr)}: too small a change to move its outputs")
         elif chosen and len(placed) == len(chosen) and min(placed) > order[layer]:
-            why.append(f"{name} fine-tuned only modules after this layer ({', '.join(chosen)}), so up to it the "
+            why.append(f"{name} fine-tuned only modules after this layer ({modules}), so up to it the "
                        f"model is the base and its outputs differ only through its own PGD-10 examples")
         elif chosen and len(placed) == len(chosen) and max(placed) < order[layer]:
-            why.append(f"{name} fine-tuned {', '.join(chosen)}, before this layer, and its weights are {mix}")
+            why.append(f"{name} fine-tuned {modules}, before this layer, and its weights are {mix}")
         else:
-            why.append(f"{name} fine-tuned {', '.join(chosen)}, and its weights are {mix}")
+            why.append(f"{name} fine-tuned {modules}, and its weights are {mix}")
     text = f"*Two-sample Kolmogorov-Smirnov distance to the base's outputs: {'; '.join(parts)}.*"
     if parts and not differ:
         text += (f" *The curves coincide (no distance is significant at n = {len(base)}): "
@@ -188,8 +188,6 @@ def mrc_ranking(rc, tables: list) -> list[str]:
     for each MRC ascent that ran (RiFT with BN, k = 1): a low BN MRC from an ascent stopped inside its ball
     says little about the layer."""
     import statistics
-
-    import pandas as pd
 
     rows, notes = [], []
     for ascent, cfg in tables:
@@ -212,7 +210,8 @@ def mrc_ranking(rc, tables: list) -> list[str]:
         if bn and conv:
             notes.append(f"- {ascent}: {sum(b < min(conv) for b in bn)} of {len(bn)} BN MRCs lie below every "
                          f"Conv/Linear MRC; the five lowest: "
-                         + ", ".join(f"{r['module']} ({'BN' if r['kind'] == 'bn' else 'conv'})" for r in cands[:5]))
+                         + ", ".join(f"{markdown_text(r['module'])} ({'BN' if r['kind'] == 'bn' else 'conv'})"
+                                     for r in cands[:5]))
     if not rows:
         return []
     return ["### MRC ranking: BN against Conv/Linear", "",
@@ -221,6 +220,5 @@ def mrc_ranking(rc, tables: list) -> list[str]:
             "and the rank of its lowest module among all candidates. `sgd` is the code's ascent; `normalized` "
             "(ours, not the papers') steps a quarter of the radius along the gradient so every module can reach "
             "its ball.", "",
-            pd.DataFrame(rows, columns=["MRC ascent", "Kind", "Modules", "MRC min / median / max",
-                                        "‖Δ‖/‖W₀‖", "Reached the ball", "Lowest rank"]
-                         ).to_markdown(index=False, disable_numparse=True), "", *notes, ""]
+            rc.table(["MRC ascent", "Kind", "Modules", "MRC min / median / max", "‖Δ‖/‖W₀‖", "Reached the ball",
+                      "Lowest rank"], rows), "", *notes, ""]

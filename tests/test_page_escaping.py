@@ -521,3 +521,147 @@ def test_hostile_page_in_a_headless_browser(hostile_boards, tmp_path):
             assert any(what in m for m in refused), (what, refused)
     finally:
         browser.quit()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the report plugins (bench.reports): names from runs, parameters and attacks into their markdown (MD1)
+
+# what a name may hold that a markdown table or a viewer would read as markup (no '$': matplotlib's math)
+HOSTILE_SUFFIX = " |a|b|\n<script>alert(1)</script> [x](javascript:alert(2)) <img src=x onerror=alert(3)> *e* _u_"
+
+
+def _report_run(defense: str, params: dict, cells: dict, rng, *, info=None, missing=(), batch_dependent=0,
+                surrogates=None, run_id="") -> Config:
+    """One stored run of `defense`: `cells` maps (label, protocol) to its threat; flags drawn from `rng`."""
+    n = 40
+    clean = rng.random(n) < 0.8
+    stored = {key: {"name": key[0].partition("[")[0], "protocol": key[1], "eps": 0.1, "norm": "Linf", "threat": threat,
+                    "flags": clean & (rng.random(n) < 0.6), "correct": 1, "n": n, "seconds": 1.0}
+              for key, threat in cells.items()}
+    run = {"run_id": (run_id or f"{defense}-{len(params)}-{rng.integers(1 << 30)}").ljust(64, "0"), "seed": 0,
+           "batch_dependent": batch_dependent, "command": f"bench run --defense {defense}", "code_version": "abc1234",
+           "params": params, "info": {**(info or {}), "bench": {"surrogates": surrogates or {}}},
+           "config": {"data": "f1301c", "defense": defense, "params": sorted(params.items(), key=str),
+                      "preset": {"eps": 0.1, "ft_epochs": 2, "ft_lr": 0.01}},
+           "dataset": "digits", "arch": ARCH, "preset": "smoke"}
+    lacking = [{"attack": a, "protocol": "adaptive", "threat": threat, "error": None} for a, threat in missing]
+    return Config(defense, params, [Run(run, clean, stored, [], lacking)])
+
+
+def report_configs(name) -> list[Config]:
+    """The fewest configurations that make each built-in report write every table, list and figure caption
+    it has: RiFT's table 1, chosen modules, MRC ranking and BN-output KDE caption; the fine-tuning curves;
+    Walter et al.'s table with both marks; the norm-shaping grids and table III. Every name a report shows
+    (attack labels, threats, module names, splits, parameter values, surrogates) is `name(ordinary name)`."""
+    rng = np.random.default_rng(0)
+    linf, wide = name("Linf eps=0.1"), name("Linf eps=0.2")
+    other = name("fgsm")  # an attack label, run on some rows only: the marks name it
+    bn, conv, head = name("layer1.0.bn1"), name("layer1.0.conv1"), name("linear")
+    candidates = [{"module": m, "order": i, "kind": kind, "mrc": 0.01 * (i + 1), "max_delta_ratio": 0.05 + 0.02 * i}
+                  for i, (m, kind) in enumerate([(conv, "conv"), (bn, "bn"), (head, "linear")])]
+    outputs = [0.1 * i for i in range(30)]  # the same outputs everywhere: the KDE caption explains why
+
+    def rift_info(chosen, alpha):
+        curve = [{"alpha": a / 10, "clean": 0.7 + a / 100, "robust": 0.4 - a / 200} for a in range(0, 11, 5)]
+        return {"alpha_curve": curve, "alpha": alpha, "chosen": chosen, "candidates": candidates,
+                "base_selection": {"robust": 0.41}, "selection": name("val"),
+                "bn_outputs": {"base": {bn: outputs}, "final": {bn: outputs}}, "finetune": {"history": [{}, {}]}}
+
+    attacked = {("pgd10", "adaptive"): linf, (other, "adaptive"): linf, ("pgd10[eps=0.2]", "adaptive"): wide}
+    base = _report_run("pgd_at", {}, {**attacked, ("autoattack", "adaptive"): linf}, rng, run_id="pgd_at")
+    configs = [
+        base,
+        _report_run("rift", {"k": 1}, {("pgd10", "adaptive"): linf, ("autoattack", "adaptive"): linf}, rng,
+                    info=rift_info([conv], 0.5)),
+        _report_run("rift_bn", {"k": 1, "lr": name(0.001)}, {("pgd10", "adaptive"): linf}, rng,
+                    info=rift_info([bn], 0.5)),
+        _report_run("rift_bn", {"k": 1, "mrc_ascent": "normalized", "mrc_eps": 0.1}, {("pgd10", "adaptive"): linf},
+                    rng, info=rift_info([head], 1.0)),
+    ]
+    for group in ("bn", "conv"):
+        curve = [{"epoch": e, "clean": 0.7 + e / 100, "pgd10": 0.4 + e / 100} for e in range(3)]
+        configs.append(_report_run(f"ft_{group}", {}, {("pgd10", "adaptive"): linf}, rng,
+                                   info={"curve": curve, "curve_split": name("val"), "trainable_parameters": 1234}))
+    configs += [_report_run("standard", {}, attacked, rng),
+                _report_run("bn_stats", {}, {("pgd10", "adaptive"): linf}, rng),  # † without `other`
+                _report_run("bn_params", {"extra": ["logits", name("conv1")]}, {("pgd10", "adaptive"): linf}, rng,
+                            missing=[(other, linf)])]  # ‡ `other` missing
+    surrogate = "paper:" + name("test_batch")
+    for train in (1, 3):
+        for infer in (0, 3):
+            cells = {("pgd10", "adaptive"): linf, ("pgd10", "paper"): linf, ("pgd10", surrogate): linf}
+            if train == infer == 3:
+                cells.update({(other, "paper"): linf, (other, "adaptive"): linf, ("shaping", "adaptive"): linf})
+            configs.append(_report_run("norm_shaping", {"train_ratio": train, "infer_ratio": infer,
+                                                        "note_ratio": name("a")}, cells, rng,
+                                       batch_dependent=1, surrogates={name("eval"): "the network in eval mode"}))
+    return configs
+
+
+REPORT_SECTIONS = {  # each built-in report's section, and the names (`report_configs`) it shows
+    "## Fragile features and BN": ["fgsm", "conv1", "Linf eps=0.1", "Linf eps=0.2"],
+    "## Layer-type fine-tuning": ["val"],
+    "## Norm shaping": ["eval", "test_batch", "fgsm", "a"],
+    "## RiFT top-k": ["layer1.0.conv1", "layer1.0.bn1", "linear", "val", 0.001],
+}
+
+
+def _hostile(value) -> str:
+    return f"{value}{HOSTILE_SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+def report_boards(tmp_path_factory) -> dict[str, tuple]:
+    """The board of `report_configs` with ordinary names and with hostile ones: (board, its markdown)."""
+    out = {}
+    for kind, name in (("ordinary", lambda v: v), ("hostile", _hostile)):
+        dest = tmp_path_factory.mktemp(kind)
+        board = leaderboard.build(report_configs(name), "digits", ARCH, "smoke", dest, "results", "abc1234",
+                                  "digits-tiny_cnn-smoke", figure_dir=dest)
+        out[kind] = board, leaderboard.markdown(board)
+    return out
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading + " ") if heading + " " in text else text.index(heading + "\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+@pytest.mark.parametrize("heading", list(REPORT_SECTIONS))
+def test_report_plugins_show_hostile_names_as_text_in_their_markdown(report_boards, heading):
+    """MD1 in the report plugins: a '|', a newline, a tag or a javascript: link in an attack label, a threat,
+    a parameter value, a surrogate or a module name adds no column, splits no row or line, and reaches the
+    .md only as text; each name is shown as it is. The sections keep the shape they have with ordinary names."""
+    ordinary, hostile = (_section(text, heading) for _, text in (report_boards["ordinary"], report_boards["hostile"]))
+    assert table_rows(ordinary) and "failed" not in " ".join(re.findall(r"## Report .*", report_boards["hostile"][1]))
+    assert_safe_markdown(hostile, shown=[_hostile(v) for v in REPORT_SECTIONS[heading]])
+    assert table_rows(hostile) == table_rows(ordinary)  # as many tables, rows and columns
+    assert len(hostile.split("\n")) == len(ordinary.split("\n"))
+    assert not re.search(r"<(script|img)|(?<!\\)\]\(javascript:", hostile, re.IGNORECASE)  # '\]' is text
+    for value in REPORT_SECTIONS[heading]:  # the ordinary name itself is written as it was, unescaped
+        assert str(value) in ordinary
+
+
+def test_report_plugins_hostile_names_are_text_on_the_page_and_in_latex(report_boards):
+    """The same board as a web page and a LaTeX file: no element or link from a name, every table as wide as
+    its header."""
+    board, _ = report_boards["hostile"]
+    shown = [_hostile(v) for names in REPORT_SECTIONS.values() for v in names]
+    assert_safe_html(webpage.page(board), shown)
+    assert_safe_latex(latex.document(board), shown)
+
+
+def test_report_tables_escape_plain_cells_and_keep_markdown():
+    """`rc.table`: plain text escaped (a number as it is), `Markdown` kept, a list of pieces joined, each by
+    its kind; `markdown_text` leaves markdown alone, so escaping twice changes nothing."""
+    from bench.api import Markdown, ReportContext, markdown_code, markdown_text
+
+    mark = Markdown(" † without a\\|b")
+    text = ReportContext.table(["k|v", Markdown("a \\ b")], [["x|y\nz", [f"{12.5:.1f}", mark]], [3, "-1.5"]])
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in text.split("\n")]
+    assert cells[0] == ["k\\|v", "a \\ b"] and cells[2:] == [["x\\|y z", "12.5 † without a\\|b"], ["3", "-1.5"]]
+    assert markdown_text("<b>|1. x") == "&lt;b&gt;\\|1. x" and markdown_text("1. x") == "1\\. x"
+    assert markdown_text(0.001) == "0.001" and markdown_text(markdown_text("a|b")) == "a\\|b"
+    assert isinstance(markdown_text("a"), Markdown) and markdown_code("eval") == "`eval`"
+    assert markdown_code("a|b") == "a\\|b"
