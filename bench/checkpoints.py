@@ -180,7 +180,8 @@ def _torch_reason(text: str) -> str:
 
 
 def load(path: Path, *, require_digest: bool) -> dict:
-    """{'state_dict': ..., 'meta': ...} from one of our files, or a bare/foreign state dict."""
+    """{'state_dict': ..., 'meta': ...} from one of our files, or a bare/foreign state dict. `require_digest`:
+    a file of bnbench's own cache (it must have its sidecar); else a user's file, whose folder is only read."""
     path = Path(path)
     try:
         if not path.is_file():
@@ -188,8 +189,10 @@ def load(path: Path, *, require_digest: bool) -> dict:
                                                       "is not a regular file" if path.exists() else "does not exist"))
         sidecar = Path(str(path) + ".sha256")
         blob, expected = _read_pair(path, sidecar)
-        if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
-            # maybe caught between a writer's two renames: read the pair again while no writer can rename
+        if require_digest and expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+            # our cache, maybe caught between a writer's two renames: read the pair again while no writer can
+            # rename. Only there: taking the lock creates its file, and a user's checkpoint folder (a model
+            # zoo, a read-only mount) is never written; no bnbench process renames files in it either.
             with _flock(path.parent / PAIR_LOCK, exclusive=False):
                 blob, expected = _read_pair(path, sidecar)
     except OSError as exc:
@@ -235,7 +238,8 @@ def training_lock(path: Path, log, what: str):
 
 def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: str) -> None:
     """Load a checkpoint (from `load`) into `model`, refusing one made for another model or dataset, one whose
-    keys or shapes do not match (named: missing, unexpected, other shape), and non-finite weights."""
+    keys or shapes do not match (named: missing, unexpected, other shape), complex values for real weights
+    (the imaginary part would be dropped) and non-finite weights."""
     meta = ckpt["meta"]
     for key, want in (("arch", arch), ("dataset", dataset)):
         if meta.get(key) not in (None, want):
@@ -248,7 +252,9 @@ def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    # load_state_dict would keep the real part and drop the imaginary one with no more than a warning
+    complex_ = [k for k in own if k in state and state[k].is_complex() and not own[k].is_complex()]
+    if missing or unexpected or shapes or complex_:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing ({_some(missing)})")
@@ -257,11 +263,18 @@ def load_into(model: nn.Module, ckpt: dict, source: str, *, arch: str, dataset: 
         if shapes:
             parts.append(f"{len(shapes)} of another shape (" + _some(
                 [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes], 3) + ")")
+        if complex_:
+            parts.append(f"{len(complex_)} complex where the model's are real (" + _some(
+                [f"{k}: {_dtype(state[k])} vs {_dtype(own[k])}" for k in complex_], 3) + ")")
         raise BenchError(f"checkpoint {source} does not fit {arch}: " + "; ".join(parts))
     bad = first_nonfinite(state)
     if bad is not None:  # such a model answers at random, which would read as a defense's randomness
         raise BenchError(f"checkpoint {source} holds non-finite weights (NaN or inf in {bad})")
     model.load_state_dict(state)
+
+
+def _dtype(value: torch.Tensor) -> str:
+    return str(value.dtype).replace("torch.", "")
 
 
 def _some(items: list[str], n: int = 5) -> str:

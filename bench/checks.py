@@ -30,6 +30,7 @@ import torch
 from bench import registry, state, stats
 from bench.config import default_surrogate
 from bench.contract import ADAPTIVE, surrogate_of
+from bench.evaluator import require_finite
 from bench.projected_gradient import pgd
 from bench.stats import mcnemar
 
@@ -63,12 +64,20 @@ class CheckResult:
 
 # ----------------------------------------------------------------------------------------------------
 # probes of the defended model (3-6), on the first batch
+#
+# Each probe's logits must be finite, as a cell's must (bench.evaluator): NaN differs from itself, has no
+# argmax but class 0 and no gradient, so it would read as randomness, batch dependence, gradient masking and
+# a model surviving a huge budget. Such a model fails with NonFiniteLogits, as its clean cell would.
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, check: str) -> torch.Tensor:
+    return require_finite(model(x), f"of the first test batch (check {check})", "no check or cell can judge it")
 
 
 @torch.no_grad()
 def determinism(model: torch.nn.Module, x: torch.Tensor, declared: bool) -> CheckResult:
     with state.preserved(model):
-        a, b = model(x), model(x)
+        a, b = _logits(model, x, "determinism"), _logits(model, x, "determinism")
     same = torch.equal(a, b)
     gap = float((a - b).abs().max())
     if same and not declared:
@@ -89,8 +98,8 @@ def batch_dependence(model: torch.nn.Module, x: torch.Tensor, declared: bool, ra
         return CheckResult("batch_dependence", "skip", "randomized defense: batch effects cannot be told apart")
     k = min(probes, len(x))
     with state.preserved(model):
-        together = model(x)[:k]
-        alone = torch.cat([model(x[i:i + 1]) for i in range(k)])
+        together = _logits(model, x, "batch_dependence")[:k]
+        alone = torch.cat([_logits(model, x[i:i + 1], "batch_dependence") for i in range(k)])
     scale = float(together.abs().max()) + 1.0
     gap = float((together - alone).abs().max())
     flips = int((together.argmax(1) != alone.argmax(1)).sum())
@@ -108,7 +117,7 @@ def gradient_health(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     """Input gradients of the CW margin (it does not vanish when a confident softmax saturates)."""
     with state.preserved(model):
         xr = x.clone().requires_grad_(True)
-        logits = model(xr).float()
+        logits = _logits(model, xr, "gradient_health").float()
         real = logits.gather(1, y[:, None]).squeeze(1)
         other = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
         grad, = torch.autograd.grad((other - real).sum(), xr)
@@ -128,7 +137,7 @@ def large_eps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     with state.preserved(model):
         x_adv = pgd(model, x, y, eps=big, alpha=big / 4, steps=20, generator=generator)
         with torch.no_grad():
-            acc = float((model(x_adv).argmax(1) == y).float().mean())
+            acc = float((_logits(model, x_adv, "large_eps").argmax(1) == y).float().mean())
     detail = f"PGD-20 at eps {big:.4g} (8 x eps): {acc:.1%} accuracy on {len(x)} samples"
     if acc > 0.05:
         return CheckResult("large_eps", "fail", detail + " (> 5%: gradient masking or a broken attack path)",

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from bench import config as config_mod, registry
-from bench.errors import BenchError, os_reason
+from bench.errors import BenchError, one_line, os_reason
 
 log = logging.getLogger("bench")
 _argv: list[str] = []  # the arguments of this invocation, stored with each run as its command
@@ -142,8 +142,8 @@ def exit_on_failures(failures: list, out: str) -> None:
 
     for f in failures:
         click.echo(f.line(), err=True)
-    click.echo(f"bench: {len(failures)} failed (tracebacks in {Path(out) / FAILURE_LOG}); the other cells "
-               f"are stored, and re-running the command retries the failed ones", err=True)
+    click.echo(one_line(f"bench: {len(failures)} failed (tracebacks in {Path(out) / FAILURE_LOG}); the other "
+                        f"cells are stored, and re-running the command retries the failed ones"), err=True)
     sys.exit(1)
 
 
@@ -289,15 +289,16 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, exec
     _setup_logging(True)
     if show_status:
         rows = sweep.status(file, out=out, shard=shard)
-        click.echo(tabulate([[r["label"], r["run_id"][:10], r["state"], f"{r['cells']}/{r['wanted'] or '?'}"]
-                             for r in rows], headers=["run", "config", "state", "cells"]))
+        click.echo(tabulate([[one_line(r["label"]), r["run_id"][:10], r["state"],
+                              f"{r['cells']}/{r['wanted'] or '?'}"] for r in rows],
+                            headers=["run", "config", "state", "cells"]))
         counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "partial", "failed", "not started")}
         click.echo(f"{len(rows)} jobs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
         return
     results = sweep.run(file, out=out, quiet=quiet, dry_run=dry_run, executor=executor, address=address,
                         shard=shard, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job, on_start=_start_computing)
     if dry_run:
-        click.echo(tabulate([[r["label"], r["run_id"][:10], r["command"]] for r in results],
+        click.echo(tabulate([[one_line(r["label"]), r["run_id"][:10], one_line(r["command"])] for r in results],
                             headers=["run", "config", "command"]))
         return
     rows = []
@@ -307,7 +308,8 @@ def sweep_cmd(file: str, out: str | None, dry_run: bool, show_status: bool, exec
         lacking = list(dict.fromkeys(a for w in worst for a in w.get("incomplete", [])))
         status = "build failed" if r["summary"].get("build_failure") else \
             f"‡ incomplete: {', '.join(lacking)}" if lacking else ""
-        rows.append([r["label"], r["run_id"][:10], f"{100 * by['clean']['accuracy']:.2f}" if by.get("clean", {}).get("n") else "",
+        clean = f"{100 * by['clean']['accuracy']:.2f}" if by.get("clean", {}).get("n") else ""
+        rows.append([one_line(r["label"]), r["run_id"][:10], clean,
                      " ".join("—" if w["accuracy"] != w["accuracy"] else f"{100 * w['accuracy']:.2f}" for w in worst),
                      status])
     click.echo(tabulate(rows, headers=["run", "config", "clean %", "worst case %", "status"]))
@@ -360,7 +362,7 @@ def leaderboard_cmd(out: str, dest: str, fmt: str) -> None:
     try:
         paths = leaderboard.write(store, dest, out, code_version(), fmt)
         for line in leaderboard.unplaced_failures(store):  # runs that failed before they had a row
-            click.echo(f"bench: warning: {line}", err=True)
+            click.echo(one_line(f"bench: warning: {line}"), err=True)
     finally:
         store.close()
     for p in paths:
@@ -368,6 +370,13 @@ def leaderboard_cmd(out: str, dest: str, fmt: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    """The one line of a refused command, whatever the message quotes (a value holding a newline stays on
+    it, escaped), and exit code 2."""
+    click.echo(one_line(f"bench: error: {message}"), err=True)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -378,19 +387,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=_argv, prog_name="bench", standalone_mode=False)
     except BenchError as exc:
-        click.echo(f"bench: error: {exc}", err=True)
-        sys.exit(2)
+        _error(str(exc))
     except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - depends on click version
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         sys.exit(0)
     except click.ClickException as exc:
-        click.echo(f"bench: error: {exc.format_message()}", err=True)
-        sys.exit(2)
+        _error(exc.format_message())
     except OSError as exc:  # the machine's fault (a full disk while caching a model), or a path no check caught
         where = f" ({exc.filename})" if exc.filename else ""
-        click.echo(f"bench: error: {os_reason(exc)}{where}" + ("; finished cells are stored, fix it and re-run the "
-                                                               "command to resume" if _computing else ""), err=True)
-        sys.exit(2)
+        _error(f"{os_reason(exc)}{where}" + ("; finished cells are stored, fix it and re-run the command to resume"
+                                             if _computing else ""))
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("bench: interrupted" + ("; finished cells are stored, re-run the command to resume"
                                            if _computing else ""), err=True)

@@ -23,6 +23,8 @@ import torch
 from bench import state
 from bench.contract import Attack, Defended
 from bench.data import Split
+from bench.errors import BenchError
+from bench.readers import read_npz
 
 log = logging.getLogger("bench")
 CRAFTED_DIR = "cache/crafted"
@@ -80,12 +82,13 @@ class CraftedCache:
             data = self.store.read_file(name)
             if data is None:
                 return None
-            with np.load(io.BytesIO(data), allow_pickle=False) as f:  # a data file never runs code
-                x_adv = torch.from_numpy(np.array(f["x_adv"], dtype=np.float32))
-                extra = json.loads(str(f["extra"]))
-                found = Crafted(x_adv, extra if isinstance(extra, dict) else {}, bool(f["state_changed"]),
-                                float(f["seconds"]), str(f["run_id"]))
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            # headers checked before allocating, never a pickle: the results folder is the user's, files and all
+            f = read_npz(io.BytesIO(data), f"crafted images {name}")
+            x_adv = torch.from_numpy(np.array(f["x_adv"], dtype=np.float32))
+            extra = json.loads(str(f["extra"]))
+            found = Crafted(x_adv, extra if isinstance(extra, dict) else {}, bool(f["state_changed"]),
+                            float(f["seconds"]), str(f["run_id"]))
+        except (BenchError, OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             log.warning("crafted images %s unreadable (%s): crafting them again", name, exc)
             return None
         if tuple(found.x_adv.shape) != tuple(test.x.shape):

@@ -43,14 +43,20 @@ class NonFiniteLogits(RuntimeError):
     so the cell fails rather than score it."""
 
 
-def _predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    finite = torch.isfinite(logits).all(1)
+def require_finite(logits: torch.Tensor, where: str = "of a batch", so: str = "the cell is not scored"
+                   ) -> torch.Tensor:
+    """`logits` (one row per image), or NonFiniteLogits naming how many rows hold NaN or inf, `where` they came
+    from and what follows (`so`). The cells and the checks (bench.checks) judge a model's answers alike."""
+    finite = torch.isfinite(logits).flatten(1).all(1)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise NonFiniteLogits(f"the defended model returned non-finite logits (NaN or inf) for {bad} of {len(x)} "
-                              f"images of a batch; its predictions would mean nothing, so the cell is not scored")
-    return logits.argmax(1)
+        raise NonFiniteLogits(f"the defended model returned non-finite logits (NaN or inf) for {bad} of "
+                              f"{len(logits)} images {where}; its predictions would mean nothing, so {so}")
+    return logits
+
+
+def _predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return require_finite(model(x)).argmax(1)
 
 
 @torch.no_grad()

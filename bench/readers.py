@@ -17,7 +17,9 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -72,6 +74,22 @@ def _opened(path: Path, where: str, failure: str):
         if width * height > MAX_PIXELS:
             raise _too_large(path, where, width * height)
         yield im
+
+
+def _check_decoded_size(where: str, side: int, channels: int, count: int, option: str) -> None:
+    """Before anything is decoded: one image of side x side must be within MAX_PIXELS, as a header must, and
+    `count` of them as float32 (what the run holds them as) within this machine's memory. `option`: the
+    dataset option that asked for `side` (`size=N`), named in the refusal; empty when the images have it."""
+    what = f"{option} makes images of" if option else "the images are"
+    pixels = side * side
+    if pixels > MAX_PIXELS:
+        count_text = f"{pixels:,}" if pixels < 10 ** 15 else f"about 10^{int(math.log10(pixels))}"  # (any int)
+        raise BenchError(f"{where}: {what} {side}x{side} ({count_text} pixels), over the limit of {MAX_PIXELS:,} "
+                         f"({MAX_SIDE}x{MAX_SIDE}) an image may have; refused before allocating")
+    needed, memory = pixels * channels * count * 4, _memory_bytes()
+    if memory is not None and needed > memory:
+        raise BenchError(f"{where}: {what} {side}x{side}x{channels}: {count:,} of them take {_size(needed)} as "
+                         f"float32, more than this machine's {_size(memory)} of memory; refused before allocating")
 
 
 def _interleaved(per_class: list[list[Path]]) -> list[tuple[Path, int]]:
@@ -202,6 +220,7 @@ def imagefolder(request: DataRequest) -> LoadedData:
             raise BenchError(f"{where}: the images are {ref[0]}x{ref[1]}; only square images are used as they "
                              f"are: give the size to resize them to, e.g. --dataset '{where}[size={min(ref)}]'")
     side = size if size is not None else every[0][1][1][0]
+    _check_decoded_size(where, side, MODES[mode], len(every), f"size={size}" if size is not None else "")
     parts = {name: read_images(items, where, mode=mode, side=side) for name, items in order.items()}
     x_test = parts["test"][0]
     mean, std = _normalisation(request.options)
@@ -240,7 +259,7 @@ def tensors(request: DataRequest) -> LoadedData:
     where = f"tensors file {path}"
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        arrays = _npz(path, where)
+        arrays = read_npz(path, where)
     elif suffix in (".pt", ".pth"):
         arrays = _pt(path, where)
     else:
@@ -258,19 +277,26 @@ tensors.options = {
 }
 
 
-def _npz(path: Path, where: str) -> dict:
-    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle (and refuse it as one)
+def read_npz(source: Path | IO[bytes], where: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz file `source` (a path, or a binary file object such as io.BytesIO), refused in
+    one BenchError beginning with `where` (what the file is, to the user) when it is not an .npz of plain
+    arrays, or when its headers claim more than the file holds or the machine's memory: nothing is allocated
+    before they are checked. Used for every .npz bnbench reads, the user's data and its own results folder's."""
+    if not zipfile.is_zipfile(source):  # np.load would take it for a pickle (and refuse it as one)
         raise BenchError(f"{where} is not a readable .npz file (not a zip archive of .npy arrays)")
     try:
-        _check_npz_sizes(path, where)
-        with np.load(path, allow_pickle=False) as archive:  # pickled objects could run code: never loaded
+        _check_npz_sizes(source, where)
+        if not isinstance(source, (str, os.PathLike)):
+            source.seek(0)  # (np.load reads from where the zip reader left it)
+        with np.load(source, allow_pickle=False) as archive:  # pickled objects could run code: never loaded
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise BenchError(f"{where} holds pickled Python objects (an object array), which are never loaded; "
                              f"save plain numeric arrays") from None
         raise BenchError(f"{where} is not a readable .npz file ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        # (a corrupt compressed member, an unknown compression method, an encrypted member)
         raise BenchError(f"{where} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
@@ -295,11 +321,11 @@ def _npy_header(fh) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
-def _check_npz_sizes(path: Path, where: str) -> None:
+def _check_npz_sizes(source: Path | IO[bytes], where: str) -> None:
     """Before anything is allocated: each array's header (shape x item size) must fit in the bytes its member
     holds -- an .npz is a zip, maybe compressed, so the member's uncompressed size from the zip directory --
     and all members together in this machine's memory. A header of a few bytes can claim terabytes."""
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(source) as archive:
         members = [info for info in archive.infolist() if not info.is_dir()]
         for info in members:
             if not info.filename.endswith(".npy"):
@@ -389,9 +415,10 @@ def tinyimagenet(request: DataRequest) -> LoadedData:
             train_classes.append(files)
         orders["train"] = _interleaved(train_classes)
     caps = {"train": request.n_train, "test": request.n_test}
+    orders = {name: items[:caps[name]] if caps[name] else items for name, items in orders.items()}
+    _check_decoded_size(where, spec.size, 3, sum(map(len, orders.values())), "")
     parts = {}
     for name, items in orders.items():
-        items = items[:caps[name]] if caps[name] else items
         for (path, _), (_, dims) in zip(items, _headers(items, where)):
             if dims != (spec.size, spec.size):
                 raise BenchError(f"{where}: {path} is {dims[0]}x{dims[1]}; Tiny ImageNet images are "

@@ -4,10 +4,14 @@ number from a model that gave none -- and the line says what happened, not somet
 Covered: image headers claiming billions of pixels, .npy headers claiming terabytes, bf16/fp16 tensors, empty /
 meta-device / sparse / foreign checkpoints, labels too large to be classes, paths too long for the system, Ray
 addresses that are malformed or that nobody answers, read-only results asked for their state, 16-bit images,
-and models answering NaN."""
+models answering NaN (with and without the checks); and what the fuzzing found (tests/test_fuzzing.py): an
+imagefolder `size` beyond the pixel limit or the machine's memory, a line break in any value an error message
+quotes, a user's checkpoint folder written to; and the results folder's .npz files read unguarded."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import socket
 import struct
@@ -200,6 +204,18 @@ def test_a_refused_pt_file_names_what_it_holds_without_torchs_advice(bench, tmp_
                            f"it references {__name__}.Foreign", "never unpickled")
     for advice in ("weights_only", "safe_globals", "trust"):
         assert advice not in line
+
+
+def test_complex_weights_for_a_real_model_are_refused_not_cast(bench, tmp_path):
+    """Found by the fuzzing: load_state_dict keeps the real part of a complex tensor with only a warning."""
+    state = models.build_model("tiny_cnn", data.DATASETS["digits"]).state_dict()
+    state["conv1.weight"] = state["conv1.weight"] + 1j
+    path = tmp_path / "complex.pt"
+    torch.save(state, path)
+    one_line_exit_2(bench(*SMOKE, "--model", "tiny_cnn", "--checkpoint", path, "--out", tmp_path / "out"),
+                    f"checkpoint {path} does not fit tiny_cnn: 1 complex where the model's are real "
+                    f"(conv1.weight: complex64 vs float32)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_empty_checkpoint_is_named_empty(bench, tmp_path):
@@ -423,3 +439,165 @@ def test_a_model_answering_nan_on_real_batches_fails_its_cell_instead_of_scoring
         assert [f["cell"] for f in store.failures()] == ["clean"]
     finally:
         store.close()
+
+
+def test_a_model_answering_nan_on_real_batches_fails_at_the_checks_without_misleading_them(bench, tmp_path,
+                                                                                          user_models):
+    """With checks on, the probes meet the NaN first: NaN differs from itself (would read as randomness), has
+    class 0 as argmax (as a model surviving a huge budget) and no gradient (as gradient masking). The probes
+    refuse it as the cells do, NonFiniteLogits named; no check line, nothing scored. `bench check` alike."""
+    from bench import runner
+    from bench.store import Store
+
+    out = tmp_path / "out"
+    model = f"{user_models}:nan_on_real_batches"
+    res = bench(*SMOKE, "--model", model, "--out", out)
+    assert res.code == 1, res.err[-3000:]
+    assert "Traceback" not in res.out + res.err
+    failed = [line for line in res.err.splitlines() if "failed: NonFiniteLogits" in line]
+    assert len(failed) == 1 and "for 64 of 64 images of the first test batch (check determinism)" in failed[0]
+    for misleading in ("treated as randomized", "max |logit difference| nan", "accuracy on", "gradient masking"):
+        assert misleading not in res.out + res.err, misleading
+    assert not [line for line in (res.out + res.err).splitlines() if line.startswith("check ")]  # no check judged
+    store = Store(out, create=False)
+    try:
+        assert store.cells() == [] and store.runs() == []
+        assert [f["cell"] for f in store.failures()] == [runner.BUILD]
+    finally:
+        store.close()
+    res = bench("check", "--preset", "smoke", "--quiet", "--model", model, "--out", tmp_path / "checked")
+    assert res.code == 1 and "Traceback" not in res.out + res.err, res.err[-3000:]
+    lines = [line for line in res.err.splitlines() if line.startswith("bench: ")]
+    assert len(lines) == 1 and "failed: NonFiniteLogits" in lines[0] and "(check determinism)" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# found by the fuzzing (tests/test_fuzzing.py): F1 image sizes, F2 newlines in messages, F3 foreign folders
+
+
+@pytest.mark.parametrize("size, pixels", [("10000000", "100,000,000,000,000"), ("8193", "67,125,249"),
+                                          ("9" * 40, "about 10^80")])
+def test_an_imagefolder_size_over_the_pixel_limit_is_refused_before_allocating(bench, tmp_path, monkeypatch,
+                                                                                size, pixels):
+    """F1: the side every image is resized to meets the limit an image header meets."""
+    def decoded(*args, **kwargs):
+        raise AssertionError("images decoded")
+
+    monkeypatch.setattr(readers, "read_images", decoded)
+    root = make_imagefolder(tmp_path / "images", 2, train=1, test=1, size=8, mode="L")
+    res = bench(*SMOKE, "--defense", "standard", "--dataset", f"imagefolder[size={size}]", "--data-dir", root,
+                "--out", tmp_path / "out")
+    one_line_exit_2(res, f"imagefolder: size={size} makes images of {size}x{size} ({pixels} pixels)",
+                    f"over the limit of {MAX_PIXELS:,}", "refused before allocating")
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagefolder_images_beyond_the_machines_memory_are_refused_before_allocating(tmp_path, monkeypatch):
+    """F1: 2 classes x (2 train + 2 test) RGB images at size=64 take 8 x 64 x 64 x 3 x 4 bytes as float32."""
+    root = make_imagefolder(tmp_path / "images", 2, train=2, test=2, size=8)
+    needed = 8 * 64 * 64 * 3 * 4
+    read_images = readers.read_images
+    monkeypatch.setattr(readers, "read_images", lambda *a, **k: pytest.fail("images decoded"))
+    monkeypatch.setattr(readers, "_memory_bytes", lambda: needed - 1)
+    with pytest.raises(BenchError, match=rf"imagefolder: size=64 makes images of 64x64x3: 8 of them take "
+                                         rf"{readers._size(needed)} as float32, more than this machine's "
+                                         rf"{readers._size(needed - 1)} of memory; refused before allocating"):
+        data.load("imagefolder[size=64]", root)
+    monkeypatch.setattr(readers, "read_images", read_images)
+    monkeypatch.setattr(readers, "_memory_bytes", lambda: needed)
+    loaded = data.load("imagefolder[size=64]", root)
+    assert loaded.spec.size == 64 and len(loaded.test) == 4
+
+
+def test_one_line_shows_line_breaks_and_control_characters_escaped():
+    from bench.errors import one_line
+    from bench.runner import Failure
+
+    given = "a\nb\r\nc\x0bd\x85e\u2028f\x1b[1Ag\th é"
+    assert one_line(given) == r"a\nb\r\nc\x0bd\x85e\u2028f\x1b[1Ag" + "\th é"
+    assert one_line(one_line(given)) == one_line(given)  # what is already one line is left as it is
+    line = Failure("sweep job 'standard p=x\ny'", "build", "-", "RayError: worker died\nTraceback ...").line()
+    assert line == r"bench: sweep job 'standard p=x\ny' failed: RayError: worker died\nTraceback ..."
+
+
+@pytest.mark.parametrize("source", ["BenchError", "click usage", "OSError"])
+def test_a_newline_in_what_the_user_gave_stays_on_the_one_error_line(bench, tmp_path, monkeypatch, source):
+    """F2: the message still quotes the value as given, its line break shown as \\n (not joined, not split)."""
+    from bench import runner
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out\nbench: error: forged"))
+
+    if source == "BenchError":
+        args, shown = ["--defense", "stand\nard"], r"unknown defense 'stand\nard'"
+    elif source == "click usage":
+        args, shown = ["--defense", "standard", "--no\u2028such"], r"--no\u2028such"
+    else:
+        monkeypatch.setattr(runner, "execute", full)
+        args, shown = ["--defense", "standard"], r"disk full (" + str(tmp_path) + r"/out\nbench: error: forged)"
+    one_line_exit_2(bench(*SMOKE, *args, "--out", tmp_path / "out"), shown)
+
+
+@pytest.mark.parametrize("folder", ["writable", "read-only"])
+def test_a_users_checkpoint_with_a_wrong_digest_leaves_its_folder_unwritten(bench, tmp_path, folder):
+    """F3: the re-read under a lock (a writer caught between two renames) is for bnbench's own cache; a
+    user's folder gets no lock file, and a read-only one still hears about the digest, not a permission."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    path = zoo / "w.pt"
+    torch.save(models.build_model("tiny_cnn", data.DATASETS["digits"]).state_dict(), path)
+    Path(f"{path}.sha256").write_text("0" * 64 + "\n")
+    before = {p.name: file_digest(p) for p in zoo.iterdir()}
+    with read_only(zoo) if folder == "read-only" else contextlib.nullcontext():
+        res = bench(*SMOKE, "--model", "tiny_cnn", "--checkpoint", path, "--out", tmp_path / "out")
+    one_line_exit_2(res, f"checkpoint {path} is corrupt: its sha256 differs from w.pt.sha256")
+    assert {p.name: file_digest(p) for p in zoo.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# .npz files of the results folder: read as the user's data is (headers checked before allocating)
+
+
+def npz_claiming_terabytes() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("x_adv.npy", npy_header((100_000_000, 3, 64, 64)))
+    return buffer.getvalue()
+
+
+def test_crafted_images_claiming_terabytes_are_crafted_again_not_allocated(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from bench.crafted import CraftedCache
+
+    files = {}
+    store = SimpleNamespace(read_file=files.get, write_file=files.__setitem__)
+    target = SimpleNamespace(model=torch.nn.Linear(2, 2), batch_dependent=False, randomized=False)
+    test = data.Split(torch.rand(4, 1, 8, 8), torch.arange(4) % 2)
+    cache = CraftedCache(store, target, "paper", 0, 4, test, torch.device("cpu"))
+    x_adv = torch.rand(4, 1, 8, 8)
+    cache.save("good", x_adv, {"steps": 3}, False, 1.5, "r" * 64)
+    found = cache.load("good", test)  # (the round trip: bytes read through the guarded reader)
+    assert torch.equal(found.x_adv, x_adv) and found.extra == {"steps": 3} and found.run_id == "r" * 64
+    files[cache._relpath("bomb")] = npz_claiming_terabytes()
+    with caplog.at_level("WARNING", logger="bench"):
+        assert cache.load("bomb", test) is None
+    assert "'x_adv' declares shape (100000000, 3, 64, 64)" in caplog.text and "crafting them again" in caplog.text
+
+
+def test_saved_adversarial_images_are_read_through_the_guarded_reader(tmp_path):
+    from bench.evaluation import ADVERSARIAL_KEYS, _adversarial_arrays
+
+    bomb = tmp_path / "bomb.npz"
+    bomb.write_bytes(npz_claiming_terabytes())
+    with pytest.raises(BenchError, match=r"adversarial images .*bomb.npz: 'x_adv' declares shape .* refused before"):
+        _adversarial_arrays(bomb)
+    arrays = {key: np.full(2, i) for i, key in enumerate(ADVERSARIAL_KEYS)}
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, **{key: value for key, value in arrays.items() if key != "y"})
+    with pytest.raises(BenchError, match="partial.npz holds no y; delete it"):
+        _adversarial_arrays(partial)
+    whole = tmp_path / "whole.npz"
+    np.savez_compressed(whole, **arrays, attack=np.array("fgsm"))
+    read = _adversarial_arrays(whole)
+    assert sorted(read) == sorted(ADVERSARIAL_KEYS) and all(np.array_equal(read[k], arrays[k]) for k in arrays)
