@@ -3,7 +3,7 @@ defense to register. It is `bench run --defense as_is` underneath, the same prep
 store, so the numbers are those `bench run` gives for the same inputs.
 
     report = bench.evaluate(model, "cifar10", data_dir="data/", attacks="all", threat="Linf:8/255")
-    report.worst_case                # {threat: Accuracy(value, low, high, n)}
+    report.worst_case                # {threat: Accuracy}: .percent (as the tables), .value (a fraction), n
     report.to_frame()                # one row per cell, with 95% intervals
 """
 
@@ -19,18 +19,21 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.stats import wilson
+from bench.stats import interval_text, wilson
 
 WORST = "worst case"
 
 
 @dataclass(frozen=True)
 class Accuracy:
-    """An accuracy with its 95% Wilson interval, as fractions; `n` images, `correct` of them kept."""
+    """An accuracy with its 95% Wilson interval: `correct` of `n` images kept.
 
-    value: float
-    low: float
-    high: float
+    `value`, `low` and `high` are fractions in [0, 1]; `percent` and `interval_percent` are the same in %, the
+    figures every table prints (`str()` prints them as `bench run` does: "52.08% [38.3, 65.5] (n=48)")."""
+
+    value: float  # a fraction in [0, 1], not %
+    low: float  # fraction
+    high: float  # fraction
     n: int
     correct: int
     incomplete: tuple[str, ...] = ()  # a worst case lacking requested cells overstates robustness
@@ -41,9 +44,25 @@ class Accuracy:
         low, high = wilson(correct, n)
         return cls(correct / n if n else float("nan"), low, high, n, correct, tuple(incomplete))
 
+    @property
+    def percent(self) -> float:
+        """The accuracy in %, as the tables print it."""
+        return 100 * self.value
+
+    @property
+    def interval_percent(self) -> tuple[float, float]:
+        """The 95% interval in %, as the tables print it."""
+        return (100 * self.low, 100 * self.high)
+
     def __str__(self) -> str:
-        text = f"{100 * self.value:.2f}% [{100 * self.low:.1f}, {100 * self.high:.1f}] (n={self.n})"
+        text = f"{self.percent:.2f}% {interval_text(self.low, self.high)} (n={self.n})"
         return text + (f" ‡ incomplete: {', '.join(self.incomplete)}" if self.incomplete else "")
+
+    def __repr__(self) -> str:
+        low, high = self.interval_percent
+        extra = f", incomplete={self.incomplete!r}" if self.incomplete else ""
+        return (f"Accuracy(percent={self.percent:.2f}, interval_percent=({low:.1f}, {high:.1f}), "
+                f"correct={self.correct}, n={self.n}{extra}; .value/.low/.high are fractions)")
 
 
 class Report:
@@ -77,20 +96,24 @@ class Report:
         return {r["threat"]: Accuracy.of(self.flags[f"worst:{r['threat']}"], r.get("incomplete", ()))
                 for r in self.rows if r["attack"] == WORST and f"worst:{r['threat']}" in self.flags}
 
+    def _cells(self):
+        """(row, its Accuracy or None where nothing was measured) per row: clean, each attack, each worst case."""
+        for r in self.rows:
+            key = f"worst:{r['threat']}" if r["attack"] == WORST else r["attack"]
+            yield r, Accuracy.of(self.flags[key]) if key in self.flags else None
+
     def to_frame(self):
         """One row per cell (clean, each attack, each worst case): accuracy and its interval in %, n,
         seconds, and what a cell lacks."""
         import pandas as pd
 
         records = []
-        for r in self.rows:
-            key = f"worst:{r['threat']}" if r["attack"] == WORST else r["attack"]
-            acc = Accuracy.of(self.flags[key]) if key in self.flags else None
+        for r, acc in self._cells():
             records.append({"cell": r["attack"], "protocol": r["protocol"], "threat": r["threat"],
                             "n": acc.n if acc else 0, "correct": acc.correct if acc else None,
-                            "accuracy": 100 * acc.value if acc else float("nan"),
-                            "ci_low": 100 * acc.low if acc else float("nan"),
-                            "ci_high": 100 * acc.high if acc else float("nan"),
+                            "accuracy": acc.percent if acc else float("nan"),
+                            "ci_low": acc.interval_percent[0] if acc else float("nan"),
+                            "ci_high": acc.interval_percent[1] if acc else float("nan"),
                             "seconds": r.get("seconds", float("nan")),
                             "status": r.get("status", "done"), "incomplete": ", ".join(r.get("incomplete", []))})
         return pd.DataFrame.from_records(records)
@@ -98,18 +121,19 @@ class Report:
     def __str__(self) -> str:
         from tabulate import tabulate
 
-        frame = self.to_frame()
-        lines = [tabulate(frame[["cell", "threat", "accuracy", "ci_low", "ci_high", "n", "status"]].values.tolist(),
-                          headers=["cell", "threat", "accuracy %", "95% low", "95% high", "n", "status"],
-                          floatfmt=".2f")]
+        rows = [[r["attack"], r["threat"], f"{acc.percent:.2f}" if acc else "—",  # as `bench run` prints them
+                 interval_text(acc.low, acc.high) if acc else "", acc.n if acc else 0, r.get("status", "done")]
+                for r, acc in self._cells()]
+        lines = [tabulate(rows, headers=["cell", "threat", "accuracy %", "95% CI", "n", "status"],
+                          disable_numparse=True)]
         lines += [f"check {c['name']}: {c['status']}: {c['detail']}" for c in self.checks
                   if c["status"] in ("warn", "fail")]
         lines += [f.line() for f in self.failures]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        worst = ", ".join(f"{t}: {100 * a.value:.2f}%" for t, a in self.worst_case.items())
-        return f"<Report run {self.run_id[:10]}: clean {100 * self.clean.value:.2f}%; worst case {worst or '-'}>"
+        worst = ", ".join(f"{t}: {a.percent:.2f}%" for t, a in self.worst_case.items())
+        return f"<Report run {self.run_id[:10]}: clean {self.clean.percent:.2f}%; worst case {worst or '-'}>"
 
 
 def evaluate(model: torch.nn.Module | str, data: Any, attacks: str = "all", threat: str | None = "Linf:8/255", *,
@@ -218,10 +242,26 @@ def _report(prep, result: dict, keep_out: bool) -> Report:
                 if keep_out:
                     adversarial[r["attack"]] = path
                 else:
-                    with np.load(path, allow_pickle=False) as npz:
-                        adversarial[r["attack"]] = {k: npz[k] for k in ("x_adv", "y", "correct")}
+                    adversarial[r["attack"]] = _adversarial_arrays(path)
     return Report(run_id=cfg.run_id, rows=result["rows"], flags=flags, checks=result["checks"],
                   failures=result["failures"], out=cfg.out if keep_out else None, adversarial=adversarial)
+
+
+# what a cell's saved .npz holds for the Report: the images, labels, the attack's per-sample verdicts
+# (`correct`) and the clean cell's (`clean_correct`), in the same order
+ADVERSARIAL_KEYS = ("x_adv", "y", "correct", "clean_correct")
+
+
+def _adversarial_arrays(path: Path) -> dict[str, np.ndarray]:
+    """A cell's saved arrays (ADVERSARIAL_KEYS), read as every .npz is: headers checked, never a pickle."""
+    from bench.readers import read_npz
+
+    where = f"adversarial images {path}"
+    arrays = read_npz(path, where)
+    missing = [k for k in ADVERSARIAL_KEYS if k not in arrays]
+    if missing:
+        raise BenchError(f"{where} holds no {', '.join(missing)}; delete it and re-run to save it again")
+    return {k: arrays[k] for k in ADVERSARIAL_KEYS}
 
 
 __all__ = ["evaluate", "Report", "Accuracy"]

@@ -33,7 +33,8 @@ from bench.errors import BenchError, file_safe, os_reason
 from bench.markdown_reader import anchor as safe_anchor, code as md_code, escape as md
 from bench.models import file_label
 from bench.params import exact_text
-from bench.stats import intervals_overlap, mcnemar, mean_std, robust_cells, wilson, worst_case
+from bench.report_markdown import Markdown, table as markdown_table
+from bench.stats import interval_text, intervals_overlap, mcnemar, mean_std, robust_cells, wilson, worst_case
 from bench.store import Store, require_writable
 
 BASE_DEFENSE = "pgd_at"
@@ -158,7 +159,7 @@ def accuracy_text(per_seed: dict[int, np.ndarray]) -> tuple[str, float, tuple[fl
     low, high = wilson(int(pooled.sum()), int(pooled.size))
     mean, std = mean_std(accs)
     if len(accs) == 1:
-        return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]", mean, (low, high)
+        return f"{100 * mean:.1f} {interval_text(low, high)}", mean, (low, high)
     return f"{100 * mean:.1f} ± {100 * std:.1f}", mean, (low, high)
 
 
@@ -909,7 +910,9 @@ class ReportContext:
     """What a report plugin sees when `bench leaderboard` writes one (dataset, arch, preset) file.
 
     A report is a function `report(rc: ReportContext) -> list[str]` returning markdown lines (nothing
-    when its defenses were not run); it may write figures with `rc.figure(name)`.
+    when its defenses were not run); it may write figures with `rc.figure(name)`. Names it shows (defenses,
+    parameter values, attack labels, threats, surrogates, module names) are plain text: its tables go through
+    `rc.table`, which escapes every cell but `Markdown`, and its other lines put them in with `markdown_text`.
     """
 
     configs: list  # Config: .defense, .params, .seeds, .runs[i].run["info"], .flags(label)
@@ -945,24 +948,33 @@ class ReportContext:
                      and c.flags(label, protocol)), None)
 
     def accuracy(self, cfg, label: str = "clean", protocol: str = "adaptive") -> tuple[str, float]:
-        """(text with interval or mean +- std, mean as a fraction) of clean, an attack, or "worst:THREAT"."""
+        """(text with interval or mean +- std, mean as a fraction) of clean, an attack, or "worst:THREAT"; the
+        text as `Markdown` (numbers only: it reads as it is)."""
         text, mean, _ = accuracy_text(cfg.flags(label, protocol))
-        return text, mean
+        return Markdown(text), mean
 
     def delta(self, cfg, base, label: str = "clean", protocol: str = "adaptive") -> str:
-        """Δ in points against `base` with the exact McNemar p-value on the same samples."""
-        return delta_text(cfg.flags(label, protocol), base.flags(label, protocol))
+        """Δ in points against `base` with the exact McNemar p-value on the same samples, as `Markdown`."""
+        return Markdown(delta_text(cfg.flags(label, protocol), base.flags(label, protocol)))
 
     def fewer_attacks_mark(self, cfg, peers: list, threat: str) -> str:
         """' † without X' when `cfg`'s worst case over `threat` lacks adaptive attacks one of `peers` ran,
         and ' ‡ incomplete: Y missing' when its run lacks requested cells of that worst case; as markdown (the
-        attacks' labels escaped)."""
-        return md(fewer_attacks_mark(cfg, adaptive_attacks(peers, threat)) + incomplete_mark(cfg, threat, "adaptive"))
+        attacks' labels escaped: `Markdown`)."""
+        return Markdown(md(fewer_attacks_mark(cfg, adaptive_attacks(peers, threat))
+                           + incomplete_mark(cfg, threat, "adaptive")))
 
     def incomplete_mark(self, cfg, threat: str | None = None, protocol: str = "adaptive") -> str:
         """' ‡ incomplete: X missing, Y failed' for the requested cells `cfg`'s runs lack (of the worst case
-        over `threat` when given), else ''; as markdown. Any table showing a worst case should carry it."""
-        return md(incomplete_mark(cfg, threat, protocol if threat is not None else None))
+        over `threat` when given), else ''; as `Markdown`. Any table showing a worst case should carry it."""
+        return Markdown(md(incomplete_mark(cfg, threat, protocol if threat is not None else None)))
+
+    @staticmethod
+    def table(columns: list, rows: list[list]) -> Markdown:
+        """A markdown table of `rows` under `columns`, each header and cell plain text (escaped: a name with
+        '|', a newline or markup shows as it is, in its own cell) or `Markdown` (kept); a cell of several
+        pieces is a list of them (`[f"{error:.1f}", rc.fewer_attacks_mark(cfg, peers, threat)]`)."""
+        return markdown_table(columns, rows)
 
     def protocols(self, configs: list | None = None) -> list[str]:
         """The protocols `configs` (default: all) were attacked under: adaptive, paper, then paper:NAME."""

@@ -657,16 +657,25 @@ def unsaved(store: Store, run_id: str, cells: list[tuple[str, str]]) -> list[tup
 
 
 def save_adversarial(store: Store, run_id: str, label: str, protocol: str, res: CellResult, y: torch.Tensor) -> None:
-    """The cell's adversarial images (float32, exactly as attacked), labels and per-sample verdicts, in one
-    compressed npz that the store writes completely or not at all, before the cell is stored."""
+    """The cell's adversarial images (float32, exactly as attacked), labels, the attack's own per-sample verdicts
+    (`correct`, as the cell stores them) and the clean cell's (`clean_correct`, same order: a sample counts as
+    robust when both hold), in one compressed npz that the store writes completely or not at all, before the
+    cell is stored. The clean verdicts come from the store: a run stores its clean cell before it attacks (a
+    run whose clean cell fails attacks nothing), so only a caller that saves a cell of a run without one gets
+    a file without `clean_correct`."""
     import io
 
     relpath = str(adversarial_path(Path("."), run_id, label, protocol))
     if res.adversarial is None:  # (an attack over no images) nothing to save: say so rather than store it
         raise BenchError(f"cell {label} ({protocol}): no adversarial images came back to save in {relpath}; "
                          f"the cell was not stored")
+    clean = next((c["flags"] for c in store.cells(run_id) if c["attack"] == CLEAN), None)
+    if clean is not None and clean.shape != res.flags.shape:
+        raise BenchError(f"cell {label} ({protocol}): {res.flags.size} verdicts but the run's clean cell has "
+                         f"{clean.size}; the cell was not stored")
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x_adv=res.adversarial.float().numpy(), y=y.cpu().numpy(), correct=res.flags,
+                        **({"clean_correct": clean} if clean is not None else {}),
                         attack=np.array(label), protocol=np.array(protocol))
     try:
         store.write_file(relpath, buffer.getvalue())

@@ -19,14 +19,23 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (Wilson 1927), as fractions."""
+    """95% Wilson score interval of a proportion k/n (Wilson 1927), as fractions. At k = 0 the lower bound is
+    exactly 0 and at k = n the upper exactly 1 (the formula's centre - half cancels to rounding noise such as
+    1.7e-18 there, which would print as such)."""
     if n <= 0:
         return (float("nan"), float("nan"))
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if k <= 0 else max(0.0, centre - half)
+    high = 1.0 if k >= n else min(1.0, centre + half)
+    return (low, high)
+
+
+def interval_text(low: float, high: float) -> str:
+    """'[48.1, 56.5]': an interval of fractions in % as every table prints it."""
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def binom_two_sided_half(k: int, n: int) -> float:

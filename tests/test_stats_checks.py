@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from scipy import stats as sps
 
 from bench import checks, data
@@ -14,7 +16,7 @@ from bench.api import Defended
 from bench.params import resolve_params
 from bench.evaluator import attack_cell
 from bench.registry import load
-from bench.stats import mcnemar, mean_std, wilson, worst_case
+from bench.stats import interval_text, mcnemar, mean_std, wilson, worst_case
 from conftest import PLUGINS, bench_subprocess, make_distribution
 
 DEVICE = torch.device("cpu")
@@ -24,6 +26,34 @@ DEVICE = torch.device("cpu")
 def test_wilson_matches_scipy(k, n):
     ci = sps.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     assert wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+@given(n=st.integers(1, 10**7), share=st.floats(0, 1))
+def test_wilson_bounds_at_0_and_100_are_exact_and_print_as_such(n, share):
+    """At k = 0 the formula's lower bound cancels to rounding noise (6.9e-18 at n = 48) and at k = n the upper
+    to 0.9999999999999999: both are exact, and every interval prints as the tables print it."""
+    from bench.leaderboard import accuracy_text
+
+    k = round(share * n)
+    low, high = wilson(k, n)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+    assert (low == 0.0) == (k == 0) and (high == 1.0) == (k == n)
+    text = interval_text(low, high)
+    assert re.fullmatch(r"\[\d{1,3}\.\d, \d{1,3}\.\d\]", text), text  # never 1.7e-18, -0.0 or 100.00000001
+    assert text.startswith("[0.0, ") == (k == 0 or 100 * low < 0.05)
+    assert text.endswith(", 100.0]") == (k == n or 100 * high >= 99.95)
+    if n <= 10**5:  # (the leaderboard's cell text, from per-sample flags)
+        flags = np.zeros(n, bool)
+        flags[:k] = True
+        assert accuracy_text({0: flags})[0] == f"{100 * k / n:.1f} {text}"
+
+
+@pytest.mark.parametrize("k, n", [(0, 3), (0, 48), (10, 10), (48, 48), (0, 1), (1, 1)])
+def test_wilson_at_0_and_100_where_the_formula_leaves_noise(k, n):
+    low, high = wilson(k, n)
+    assert (low, high)[k == n] == (0.0, 1.0)[k == n]  # was 5.6e-17, 6.9e-18, 0.9999999999999999, ...
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (low, high) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
 def test_wilson_known_value():

@@ -59,17 +59,29 @@ def test_saved_adversarial_examples_are_those_scored(bench, out_dir):
     res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "deepfool", "--threat", "L2:0.3",
                 "--set", "n_test=32", "--out", out_dir, "--quiet", "--save-adversarial")
     assert res.code == 0, res.err
+    # a second invocation adds pgd10: its file takes the clean verdicts the first one stored (clean is skipped)
+    res = bench("run", "--preset", "smoke", "--defense", "pgd_at", "--attacks", "deepfool,pgd10", "--threat", "L2:0.3",
+                "--set", "n_test=32", "--out", out_dir, "--quiet", "--save-adversarial")
+    assert res.code == 0, res.err
     store = Store(out_dir, create=False)
     try:
         (run,) = store.runs()
-        cell = next(c for c in store.cells(run["run_id"]) if c["attack"] == "deepfool")
+        cells = {c["attack"]: c for c in store.cells(run["run_id"])}  # as stored: the attack's own verdicts
     finally:
         store.close()
+    cell = cells["deepfool"]
     assert cell["eps"] == 0.3 and cell["threat"] == "L2 eps=0.3"  # the label stays "deepfool"
     # the kept images are those the verdict was taken on: within budget, and the model agrees with the flags
     saved = np.load(runner.adversarial_path(out_dir, run["run_id"], "deepfool", "adaptive"), allow_pickle=False)
-    x_adv, y, correct = (torch.from_numpy(saved[k]) for k in ("x_adv", "y", "correct"))
+    x_adv, y, correct, clean = (torch.from_numpy(saved[k]) for k in ("x_adv", "y", "correct", "clean_correct"))
     assert x_adv.shape == (32, 1, 8, 8) and correct.numpy().tolist() == cell["flags"].tolist()
+    # the clean verdicts beside them, per sample in the same order, are the clean cell's stored flags
+    assert clean.dtype == torch.bool and clean.numpy().tolist() == cells["clean"]["flags"].tolist()
+    pgd = next(c for c in cells.values() if c["name"] == "pgd10")
+    with np.load(runner.adversarial_path(out_dir, run["run_id"], pgd["attack"], pgd["protocol"]),
+                 allow_pickle=False) as later:
+        assert later["clean_correct"].tolist() == cells["clean"]["flags"].tolist()
+        assert later["correct"].tolist() == pgd["flags"].tolist()
     test = data_mod.load("digits", n_train=600, n_val=100, n_test=32).test
     assert float((x_adv - test.x).flatten(1).norm(dim=1).max()) <= 0.3 + 1e-5
     assert float((x_adv - test.x).abs().max()) > 0  # something was attacked
@@ -79,3 +91,5 @@ def test_saved_adversarial_examples_are_those_scored(bench, out_dir):
                           dataset="digits")
     with torch.no_grad():
         assert (model.eval()(x_adv).argmax(1) == y).tolist() == correct.tolist()
+        assert (model(test.x).argmax(1) == y).tolist() == clean.tolist()  # and on the clean images
+    assert (clean & ~correct).any()  # some images the attack fooled: the two verdicts are not one array twice
