@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -168,7 +169,7 @@ def override_preset(preset: Preset, values: dict[str, Any],
             raise BenchError(f"'{key}' is not a preset field but a parameter of {owner}: use {option}{key}={raw} "
                              f"(TOML: {table}{key} = ...)")
         if key not in kinds:
-            raise BenchError(f"preset has no field '{key}'{did_you_mean(key, names)}")
+            raise BenchError(f"preset has no field {key!r}{did_you_mean(key, names)}")
         changes[key] = _coerce(key, raw, kinds[key])
     return replace(preset, **changes) if changes else preset
 
@@ -311,21 +312,32 @@ def to_json(obj: Any) -> Any:
     return str(obj)
 
 
+MAX_TOML_BYTES = 16 * 2**20  # a run or sweep file is a few kB; more is not one (/dev/zero would fill the memory)
+
+
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        with open(path, "rb") as fh:  # (a pipe, as from `--config <(...)`, is read like a file)
+            data = fh.read(MAX_TOML_BYTES + 1)
     except FileNotFoundError:
         raise BenchError(f"config file not found: {path}") from None
     except IsADirectoryError:
         raise BenchError(f"config file {path} is a directory") from None
     except OSError as exc:
         raise BenchError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a path holding a NUL character
+        raise BenchError(f"config file {str(path)!r} cannot be opened: {exc}") from None
+    if len(data) > MAX_TOML_BYTES:
+        raise BenchError(f"config file {path} is larger than {MAX_TOML_BYTES // 2**20} MiB: not a settings file")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise BenchError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise BenchError(f"config file {path} nests arrays or tables too deeply to be a settings file") from None
 
 
 MAX_SEED = 2**63 - 1  # seeds are stored as SQLite integers (signed 64-bit)
@@ -406,10 +418,12 @@ def validate_meta(meta: dict) -> tuple:
     for key in meta:
         name, colon, norm = key.partition(":")
         if name not in META_FIELDS:
-            raise BenchError(f"--meta has no field '{name}'{did_you_mean(name, META_FIELDS)}; "
+            raise BenchError(f"--meta has no field {name!r}{did_you_mean(name, META_FIELDS)}; "
                              f"its fields: {', '.join(META_FIELDS)}")
         if colon and norm not in NORMS:
-            raise BenchError(f"--meta {key}: the threat model must be one of {', '.join(NORMS)}, got '{norm}'")
+            raise BenchError(f"--meta {key!r}: the threat model must be one of {', '.join(NORMS)}, got {norm!r}")
+        if name == "link" and not re.match(r"https?://[^\s/]", str(meta[key]), re.IGNORECASE):
+            raise BenchError(f"--meta {key} must be an http:// or https:// address, got {str(meta[key])!r}")
     return tuple(sorted((k, str(v)) for k, v in meta.items()))
 
 
@@ -418,7 +432,7 @@ def parse_attack_params(items, flag: str = "--attack-param") -> dict[str, dict[s
     for key, value in parse_assignments(items, flag).items():
         name, dot, param = key.partition(".")
         if not dot or not param:
-            raise BenchError(f"malformed {flag} '{key}={value}': expected attack.key=value")
+            raise BenchError(f"malformed {flag} {f'{key}={value}'!r}: expected attack.key=value")
         out.setdefault(name, {})[param] = value
     return out
 
@@ -437,7 +451,7 @@ def _integer(value: str, flag: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise BenchError(f"{flag.lstrip('-')} must be an integer, got '{value}'") from None
+        raise BenchError(f"{flag.lstrip('-')} must be an integer, got {value!r}") from None
 
 
 def _checkpoints(items, flag: str) -> dict[str, str]:
@@ -448,7 +462,7 @@ def _checkpoints(items, flag: str) -> dict[str, str]:
         if not sep:
             recipe, path = "pgd_at", item
         if not path.strip():
-            raise BenchError(f"{flag} '{item}' names no file")
+            raise BenchError(f"{flag} {item!r} names no file")
         out[recipe.strip()] = path.strip()
     return out
 
@@ -470,7 +484,7 @@ def parse_threat(text: str) -> tuple[str, float]:
     names = {n.lower(): n for n in NORM_BUDGET}
     if not sep or norm.strip().lower() not in names:
         raise BenchError(f"threat must be NORM:EPS with NORM one of {', '.join(NORM_BUDGET)} (e.g. Linf:8/255), "
-                         f"got '{text}'")
+                         f"got {str(text)!r}")
     norm = names[norm.strip().lower()]
     eps = convert(norm, Param(None, "budget", kind=float, above=0, high=1 if norm == "Linf" else None),
                   budget.strip(), what="threat budget")
@@ -612,12 +626,25 @@ def validate_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:
     """Every key known and of its declared type: a wrong value is one clear error, never a crash later."""
     for key, value in table.items():
         if key not in kinds:
-            raise BenchError(f"{where}: unknown key '{key}'{did_you_mean(key, kinds)}")
+            raise BenchError(f"{where}: unknown key {key!r}{did_you_mean(key, kinds)}")
+        if key != "cells" and _holds_nul(value):  # (cells are tables validated one by one)
+            raise BenchError(f"{where}: '{key}' holds a NUL character (\\u0000), which no name, path or value "
+                             f"can hold")
         text, test = kinds[key]
         if not test(value):
             shown = repr(value)
             raise BenchError(f"{where}: '{key}' must be {text}, got "
                              f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a TOML value holds a string (a key or a value, at any depth) with a NUL character: TOML
+    allows "\\u0000", but no path can hold one (the OS refuses it) and no name or parameter means it."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return isinstance(value, list) and any(_holds_nul(v) for v in value)
 
 
 def validate_toml_keys(conf: dict, path: str) -> None:

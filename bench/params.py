@@ -91,6 +91,20 @@ def _parse_number(text: str, kind: type) -> Any:
     return kind(text)
 
 
+def _number(value: Any, kind: type) -> int | float:
+    """An int or float from command-line text or a TOML/Python number: never a bool, never truncated (2.5 is
+    no int). Raises ValueError, TypeError or OverflowError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, str):
+        return _parse_number(value, kind)
+    if kind is int:
+        if float(value) != int(value):
+            raise ValueError(value)
+        return int(value)
+    return float(value)
+
+
 def convert(name: str, spec: Param, value: Any, what: str = "parameter") -> Any:
     """Turn a CLI string (or a TOML/Python value) into the parameter's type and check its range. `what`
     names the kind of setting in errors (a plugin parameter, a preset field)."""
@@ -110,26 +124,17 @@ def convert(name: str, spec: Param, value: Any, what: str = "parameter") -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             if spec.item is str:
                 value = tuple(str(v).strip() for v in items if str(v).strip())
-            else:
-                value = tuple(_parse_number(v, spec.item) if isinstance(v, str) else spec.item(v)
-                              for v in items if not (isinstance(v, str) and not v.strip()))
+            else:  # each item by the rules of a number (a TOML [true, 2.5] is no tuple of ints)
+                value = tuple(_number(v, spec.item) for v in items if not (isinstance(v, str) and not v.strip()))
         elif kind in (int, float):
-            if isinstance(value, bool):
-                raise ValueError(value)
-            if isinstance(value, str):
-                value = _parse_number(value, kind)
-            elif kind is int:
-                if float(value) != int(value):
-                    raise ValueError(value)
-                value = int(value)
-            else:
-                value = float(value)
+            value = _number(value, kind)
         elif value is not None:
             value = kind(value)
             if kind is str and not value.strip():  # `--param key=` is a slip, not a name
                 raise ValueError(value)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):  # OverflowError: int(inf) from TOML
-        raise BenchError(f"{what} '{name}' expects {'a non-empty ' if kind is str else ''}{kind.__name__}, "
+        shown = f"tuple of {spec.item.__name__}" if kind is tuple else kind.__name__  # (comma-separated)
+        raise BenchError(f"{what} '{name}' expects {'a non-empty ' if kind is str else ''}{shown}, "
                          f"got {value!r}") from None
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
@@ -194,7 +199,7 @@ def _known_names(owner: str, specs: dict[str, Param], given: dict[str, Any]) -> 
     for name in given:
         if name not in specs:
             known = ", ".join(sorted(specs)) or "none"
-            raise BenchError(f"{owner} has no parameter '{name}'{did_you_mean(name, specs)}; "
+            raise BenchError(f"{owner} has no parameter {name!r}{did_you_mean(name, specs)}; "
                              f"its parameters: {known}")
 
 
@@ -244,7 +249,8 @@ def exact_text(value: Any) -> str:
     if not isinstance(value, float) or not math.isfinite(value):
         return str(value)
     text = str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)  # 3, not 3.0
-    k = round(value * 255)
+    scaled = value * 255
+    k = round(scaled) if math.isfinite(scaled) else 0  # (above 7e305 the product overflows)
     if k and k / 255 == value and len(f"{k}/255") < len(text):
         return f"{k}/255"
     return text
@@ -260,7 +266,7 @@ def parse_assignments(items, what: str) -> dict[str, str]:
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise BenchError(f"malformed {what} '{item}': expected key=value")
+            raise BenchError(f"malformed {what} {item!r}: expected key=value")
         out[key.strip()] = value.strip()
     return out
 
@@ -271,5 +277,5 @@ def parse_item(item: str, kind: str) -> tuple[str, dict[str, str]]:
     if not bracket:
         return item.strip(), {}
     if not rest.endswith("]"):
-        raise BenchError(f"malformed {kind} '{item}': expected name[key=value;...]")
-    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"{kind} '{item}'")
+        raise BenchError(f"malformed {kind} {item!r}: expected name[key=value;...]")
+    return name.strip(), parse_assignments([p for p in rest[:-1].split(";") if p.strip()], f"{kind} {item!r}")

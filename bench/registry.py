@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 
 from bench.config import PRESETS
@@ -27,7 +27,13 @@ class PluginLoadError(BenchError):
 class Provider:
     name: str
     value: str  # "module:Class"
-    dist: str  # distribution that declares it
+    entry: EntryPoint = field(compare=False, repr=False)
+
+    @property
+    def dist(self) -> str:
+        """The distribution that declares it. Read only when shown: parsing every distribution's metadata on
+        each lookup was most of a command's start-up time."""
+        return _dist_name(self.entry)
 
     def __str__(self) -> str:
         return f"{self.value} (from {self.dist})"
@@ -37,7 +43,7 @@ def providers(kind: str) -> dict[str, Provider]:
     """All registered plugins of one kind, by name. Two distributions claiming one name is an error."""
     found: dict[str, Provider] = {}
     for ep in entry_points(group=GROUPS[kind]):
-        prov = Provider(ep.name, ep.value, _dist_name(ep))
+        prov = Provider(ep.name, ep.value, ep)
         other = found.get(ep.name)
         # The same distribution can be visible twice (an editable install plus its build dir); that is
         # one provider, not a clash.

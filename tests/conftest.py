@@ -18,6 +18,20 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
+# Hypothesis budgets (tests/test_fuzzing.py). `ci`, the default: derandomized, so every run tries the same
+# inputs, no example database. `release` (BENCH_FUZZ=release): 25 times the examples, drawn afresh each time
+# (a failure prints the seed and a @reproduce_failure line to replay it). A test sizes its own budget as a
+# share of max_examples (test_fuzzing.examples).
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass
+else:
+    _hypothesis_settings.register_profile("ci", max_examples=100, derandomize=True, database=None, deadline=None,
+                                          print_blob=True)
+    _hypothesis_settings.register_profile("release", max_examples=2500, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("BENCH_FUZZ", "ci"))
+
 
 def data_root() -> Path:
     """BENCH_DATA_DIR, else ../shared/data beside the repository (CI always has it)."""
