@@ -214,8 +214,8 @@ def assert_safe_latex(text: str, shown: list[str] = ()) -> None:
         assert _flat(markdown_reader.one_line(s).replace("\u00a0", " ")) in typeset, s
 
 
-def compile_latex(tex: str, tmp: Path) -> None:
-    """pdflatex typesets `tex` \\input into a paper (the test pattern of test_reports)."""
+def compile_latex(tex: str, tmp: Path) -> str:
+    """pdflatex typesets `tex` \\input into a paper (test_reports compiles its board with it too); its log."""
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex is not installed (.ci/run installs texlive-latex-recommended)")
     (tmp / "board.tex").write_text(tex)
@@ -226,6 +226,7 @@ def compile_latex(tex: str, tmp: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:]
     assert (tmp / "paper.pdf").stat().st_size > 0
+    return res.stdout
 
 
 # ----------------------------------------------------------------------------------------------------

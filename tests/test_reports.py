@@ -387,20 +387,10 @@ def test_latex_has_the_main_and_family_tables_with_booktabs_rules(board):
 def test_latex_compiles_with_pdflatex(board, tmp_path):
     """The export is \\input into a paper: pdflatex (Debian's texlive, installed by .ci/run) must typeset it
     without an error or an overfull line."""
-    import shutil
-    import subprocess
+    from test_page_escaping import compile_latex
 
-    if shutil.which("pdflatex") is None:
-        pytest.skip("pdflatex is not installed (.ci/run installs texlive-latex-recommended)")
     dest, _ = board
-    shutil.copy(dest / "digits-tiny_cnn-smoke.tex", tmp_path / "board.tex")
-    (tmp_path / "paper.tex").write_text(
-        "\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
-        "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n\\input{board}\n\\end{document}\n")
-    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout[-2000:]
-    assert (tmp_path / "paper.pdf").stat().st_size > 0 and "Overfull" not in res.stdout
+    assert "Overfull" not in compile_latex((dest / "digits-tiny_cnn-smoke.tex").read_text(), tmp_path)
 
 
 def test_html_page_is_written_with_its_figures_inline(board):

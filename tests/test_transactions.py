@@ -23,6 +23,7 @@ from bench.errors import BenchError
 from bench.evaluator import CellResult
 from bench.store import DB_NAME, Store
 from conftest import REPO, bench_subprocess, file_digest
+from test_storage_safety import _cells
 
 # ----------------------------------------------------------------------------------------------------
 # results databases made row by row (no training): many runs and cells in seconds
@@ -335,14 +336,6 @@ def test_a_hostile_run_id_in_a_message_stays_one_line(bench, small_shard_and_tar
 
 
 RUN = ["run", "--preset", "smoke", "--defense", "pgd_at", "--save-adversarial"]
-
-
-def _cells(out) -> dict:
-    store = Store(out, create=False)
-    try:
-        return {(c["attack"], c["protocol"]): c for c in store.cells()}
-    finally:
-        store.close()
 
 
 def _run_id(out) -> str:
