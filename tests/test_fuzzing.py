@@ -373,8 +373,8 @@ def test_dataset_options(dataset, prepared, files):
 
 
 def test_imagefolder_size_beyond_the_pixel_limit_is_one_line(prepared, files):
-    """F1: `size` is the side every image is resized to: one so large that the images cannot be held is
-    refused in a line before anything is allocated (not numpy's MemoryError, not a machine out of memory)."""
+    """`size` is the side every image is resized to: one so large that the images cannot be held is
+    refused in a line before anything is allocated (was: numpy's MemoryError, or the machine's memory filled)."""
     for size in ("10000000", "9" * 40):
         res = prepared("--defense", "standard", "--attacks", "fgsm", "--dataset", f"imagefolder[size={size}]",
                        "--data-dir", files["tree"], *SMALL_DATA)
@@ -671,7 +671,7 @@ def test_a_config_file_that_never_ends_is_one_line(bench):
 
 
 def test_a_sweep_grid_too_large_to_run_is_one_line(bench, tmp_path, monkeypatch):
-    """F4: a grid of 20^5 runs (a typo away from a real one) is refused in a line before it is expanded (it
+    """A grid of 20^5 runs (a typo away from a real one) is refused in a line before it is expanded (it
     was: every job built in memory first, gigabytes and minutes, then the OOM killer)."""
     monkeypatch.chdir(tmp_path)
     made = []
@@ -1029,7 +1029,7 @@ def test_checkpoints(blob, sidecar, form, data, prepared, tmp_path):
 
 @pytest.mark.parametrize("sidecar", [b"0" * 64 + b"\n", b"not a digest", b""])
 def test_a_checkpoint_with_a_wrong_sidecar_leaves_its_folder_alone(sidecar, prepared, files, tmp_path):
-    """F3: a --checkpoint whose .sha256 disagrees is refused in a line, naming the sidecar, and nothing is
+    """A --checkpoint whose .sha256 disagrees is refused in a line, naming the sidecar, and nothing is
     written beside it (it was: a .checkpoints.lock file appeared in the user's folder)."""
     folder = tmp_path / "zoo"
     folder.mkdir()
