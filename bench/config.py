@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -632,19 +633,29 @@ def validate_toml(table: dict, kinds: dict[str, tuple], where: str) -> None:
                              f"can hold")
         text, test = kinds[key]
         if not test(value):
-            shown = repr(value)
+            shown = _SHOWN.repr(value)  # (reprlib: a few levels of a value tomllib may nest hundreds deep)
             raise BenchError(f"{where}: '{key}' must be {text}, got "
                              f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 60
+
+
 def _holds_nul(value: Any) -> bool:
     """Whether a TOML value holds a string (a key or a value, at any depth) with a NUL character: TOML
-    allows "\\u0000", but no path can hold one (the OS refuses it) and no name or parameter means it."""
-    if isinstance(value, str):
-        return "\0" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    return isinstance(value, list) and any(_holds_nul(v) for v in value)
+    allows "\\u0000", but no path can hold one (the OS refuses it) and no name or parameter means it.
+    Iterative: tomllib hands over lists nested hundreds deep, deeper than a recursion may go."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str) and "\0" in item:
+            return True
+        if isinstance(item, dict):
+            todo += [*item, *item.values()]
+        elif isinstance(item, list):
+            todo += item
+    return False
 
 
 def validate_toml_keys(conf: dict, path: str) -> None:
